@@ -1,0 +1,92 @@
+"""Paths and URIs: one way to read and write local folders and object storage.
+
+Every place that accepts a path accepts ``s3://bucket/key`` as well. Credentials come
+only from the standard AWS chain (environment, ~/.aws, instance profile); an
+S3-compatible endpoint is taken from ``AWS_ENDPOINT_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import IO
+
+import fsspec
+import pyarrow.fs
+
+_SUPPORTED = ("file", "s3")
+
+
+def scheme(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def check_uri(uri: str) -> str:
+    """Validate a path or URI early, with a message that says what is accepted."""
+    if not uri:
+        raise ValueError("empty path: give a local folder or an s3://bucket/prefix URI")
+    s = scheme(uri)
+    if s not in _SUPPORTED:
+        raise ValueError(
+            f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix"
+        )
+    if s == "s3" and not uri[len("s3://"):].strip("/"):
+        raise ValueError(f"storage URI {uri!r} names no bucket: use s3://bucket/prefix")
+    return uri
+
+
+def join(base: str, *parts: str) -> str:
+    if scheme(base) == "file":
+        return os.path.join(base, *parts)
+    return posixpath.join(base, *parts)
+
+
+def _fs_kwargs(uri: str) -> dict:
+    if scheme(uri) == "s3" and os.environ.get("AWS_ENDPOINT_URL"):
+        return {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    return {}
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec filesystem and the path inside it."""
+    check_uri(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **_fs_kwargs(uri))
+    return fs, path
+
+
+def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """pyarrow filesystem and the path inside it (for Parquet and Ray)."""
+    check_uri(uri)
+    if scheme(uri) == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        kwargs = {}
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+            kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        if region:
+            kwargs["region"] = region
+        return pyarrow.fs.S3FileSystem(**kwargs), uri[len("s3://"):]
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def open_file(uri: str, mode: str = "rb") -> IO:
+    fs, path = filesystem(uri)
+    if "w" in mode and scheme(uri) == "file":
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    return fs.open(path, mode)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_file(uri, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with open_file(uri, "wb") as f:
+        f.write(data)
