@@ -1,0 +1,225 @@
+"""The Parquet label store: pseudo-labels of one round, readable by plain pyarrow.
+
+Layout of a store (a local folder or an ``s3://`` prefix)::
+
+    <store>/predictions/part-00000.parquet   generator output, images [0, P) in canonical order
+    <store>/predictions/part-00001.parquet   images [P, 2P) ...
+    <store>/labels/part-00000.parquet        selected pseudo-labels, same images and order
+    <store>/manifest.json                    written last: the store is complete iff it exists
+
+``predictions`` rows (one per image) — enough to re-select with other thresholds
+without running the model again:
+
+    index        int32   position in the canonical (name-sorted) order
+    name         string  image name (file stem)
+    image        string  image URI
+    height,width int32   size of the maps (the pseudo-label size)
+    prediction   binary  argmax, uint8 [height*width], row-major
+    confidence   binary  max softmax probability, float16 little-endian [height*width]
+    class_pixels list<int64>[K]  pixels predicted as each class
+    ground_truth binary  train-id labels (uint8, 255 ignore) resized to the map size, or
+                         null; used only for pseudo-label precision statistics
+
+``labels`` rows:
+
+    index, name, image, height, width   as above
+    label        binary  pseudo-label, uint8 [height*width], 255 = not selected
+    thresholds   list<float32>[K]  per-class thresholds applied to this image
+    class_pixels list<int64>[K]    pixels predicted as each class
+    class_kept   list<int64>[K]    pixels kept (selected) for each class
+    class_correct list<int64>[K]   kept pixels that agree with ground truth, or null
+
+Binary columns are raw little-endian arrays, compressed by Parquet (zstd); decode with
+``np.frombuffer(row["label"], np.uint8).reshape(height, width)``. The dataset-level
+metadata (generator checkpoint, selector and its parameters, config hash, round, ...)
+is in ``manifest.json`` and in each file's schema metadata under ``iast``.
+
+Atomicity: every part is written to a temporary name and renamed (a single PUT on S3),
+and ``manifest.json`` is written only after all parts, so a crash leaves no complete-
+looking store. Prediction parts are the unit of resumption: a re-run keeps the parts
+made with the same configuration hash and computes only the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_META_KEY = b"iast"
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("index", pa.int32()),
+        ("name", pa.string()),
+        ("image", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("prediction", pa.binary()),
+        ("confidence", pa.binary()),
+        ("class_pixels", pa.list_(pa.int64())),
+        ("ground_truth", pa.binary()),
+    ]
+)
+
+LABEL_SCHEMA = pa.schema(
+    [
+        ("index", pa.int32()),
+        ("name", pa.string()),
+        ("image", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("label", pa.binary()),
+        ("thresholds", pa.list_(pa.float32())),
+        ("class_pixels", pa.list_(pa.int64())),
+        ("class_kept", pa.list_(pa.int64())),
+        ("class_correct", pa.list_(pa.int64())),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One image's generator output, decoded."""
+
+    index: int
+    name: str
+    image: str
+    prediction: np.ndarray  # uint8 (H, W)
+    confidence: np.ndarray  # float16 (H, W)
+    class_pixels: np.ndarray  # int64 (K,)
+    ground_truth: np.ndarray | None  # uint8 (H, W) train ids
+
+
+def part_name(part: int) -> str:
+    return f"part-{part:05d}.parquet"
+
+
+class LabelStore:
+    """A label store at a local path or S3 URI (see the module docstring for the format)."""
+
+    def __init__(self, uri: str):
+        self.uri = storage.check_uri(uri).rstrip("/")
+        self._fs, self._root = storage.arrow_filesystem(self.uri)
+
+    # -- paths ---------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return "/".join([self._root.rstrip("/"), *parts])
+
+    def _exists(self, path: str) -> bool:
+        return self._fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+    def _write_atomic(self, path: str, write) -> None:
+        parent = path.rsplit("/", 1)[0]
+        self._fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        try:
+            with self._fs.open_output_stream(tmp) as out:
+                write(out)
+            self._fs.move(tmp, path)
+        except BaseException:
+            if self._exists(tmp):
+                self._fs.delete_file(tmp)
+            raise
+
+    # -- completeness ----------------------------------------------------------------
+    def is_complete(self) -> bool:
+        return self._exists(self._path(MANIFEST))
+
+    def manifest(self) -> dict:
+        path = self._path(MANIFEST)
+        if not self._exists(path):
+            raise FileNotFoundError(
+                f"label store {self.uri} is not complete (no {MANIFEST}): run the "
+                "pseudo-labelling job for it first"
+            )
+        with self._fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+
+    def commit(self, manifest: dict) -> None:
+        """Mark the store complete. Call only after every label part is written."""
+        data = json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2).encode()
+        self._write_atomic(self._path(MANIFEST), lambda out: out.write(data))
+
+    def invalidate(self) -> None:
+        """Remove the commit mark (before labels are re-selected into this store)."""
+        if self.is_complete():
+            self._fs.delete_file(self._path(MANIFEST))
+
+    # -- parts ------------------------------------------------------------------------
+    def _write_part(self, kind: str, part: int, table: pa.Table, metadata: dict) -> None:
+        meta = {_META_KEY: json.dumps(metadata, sort_keys=True).encode()}
+        table = table.replace_schema_metadata(meta)
+        self._write_atomic(
+            self._path(kind, part_name(part)),
+            lambda out: pq.write_table(table, out, compression="zstd", row_group_size=16),
+        )
+
+    def _part_metadata(self, kind: str, part: int) -> dict | None:
+        """The metadata of a finished part, or None if the part is missing or unreadable."""
+        path = self._path(kind, part_name(part))
+        if not self._exists(path):
+            return None
+        try:
+            with self._fs.open_input_file(path) as f:
+                meta = pq.read_schema(f).metadata or {}
+        except (OSError, pa.ArrowInvalid):
+            return None  # a torn file from a crash: recompute it
+        return json.loads(meta.get(_META_KEY, b"{}"))
+
+    def write_predictions(self, part: int, rows: list[dict], metadata: dict) -> None:
+        self._write_part("predictions", part, pa.Table.from_pylist(rows, PREDICTION_SCHEMA), metadata)
+
+    def write_labels(self, part: int, rows: list[dict], metadata: dict) -> None:
+        self._write_part("labels", part, pa.Table.from_pylist(rows, LABEL_SCHEMA), metadata)
+
+    def finished_prediction_parts(self, num_parts: int, config_hash: str) -> set[int]:
+        """Prediction parts already written by a run with the same configuration."""
+        done = set()
+        for part in range(num_parts):
+            meta = self._part_metadata("predictions", part)
+            if meta is not None and meta.get("config_hash") == config_hash:
+                done.add(part)
+        return done
+
+    def iter_predictions(self, num_parts: int) -> Iterator[PredictionRecord]:
+        """Prediction records in canonical order, one part in memory at a time."""
+        for part in range(num_parts):
+            with self._fs.open_input_file(self._path("predictions", part_name(part))) as f:
+                table = pq.read_table(f)
+            for row in table.to_pylist():
+                shape = (row["height"], row["width"])
+                gt = row["ground_truth"]
+                yield PredictionRecord(
+                    index=row["index"],
+                    name=row["name"],
+                    image=row["image"],
+                    prediction=np.frombuffer(row["prediction"], np.uint8).reshape(shape),
+                    confidence=np.frombuffer(row["confidence"], "<f2").reshape(shape),
+                    class_pixels=np.asarray(row["class_pixels"], np.int64),
+                    ground_truth=None if gt is None else np.frombuffer(gt, np.uint8).reshape(shape),
+                )
+
+    def read_labels(self, columns: list[str] | None = None) -> pa.Table:
+        """All label rows of a complete store, in canonical order."""
+        manifest = self.manifest()
+        tables = []
+        for part in range(manifest["num_parts"]):
+            with self._fs.open_input_file(self._path("labels", part_name(part))) as f:
+                tables.append(pq.read_table(f, columns=columns))
+        return pa.concat_tables(tables)
+
+
+def decode_label(row: dict) -> np.ndarray:
+    """The pseudo-label map of one ``labels`` row."""
+    return np.frombuffer(row["label"], np.uint8).reshape(row["height"], row["width"])

@@ -1,0 +1,421 @@
+"""Pseudo-labelling with Ray Data: generator predictions, then selection, into a label store.
+
+Two stages, so that the labels do not depend on how many workers made them:
+
+1. **Predict** (parallel). Ray Data decodes the target images in CPU tasks and runs the
+   generator in an actor pool (one model per actor). Each actor runs the model one image
+   at a time, so a prediction never depends on which images shared its batch. The
+   driver receives the results in canonical order (``preserve_order``) and writes them
+   as prediction parts of ``part_size`` images. Parts already written by a run with the
+   same configuration are kept, so a crashed job resumes where it stopped.
+2. **Select** (sequential, cheap). The selector walks the predictions in canonical
+   order — IAS's thresholds are a running state over that order — and writes the label
+   parts, then the manifest that marks the store complete.
+
+The store format is documented in :mod:`pipeline.label_store`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import selectors, storage
+from pipeline.data.datasets import Sample, load_image, load_label
+from pipeline.evaluation import predict_probs
+from pipeline.label_store import LabelStore
+from pipeline.labels import IGNORE_INDEX, NUM_CLASSES
+from pipeline.models import build_model, load_checkpoint
+from pipeline.visualize import preview_row
+
+SELECTORS = ("ias", "cbst", "constant")
+
+
+@dataclass
+class SelectorConfig:
+    """Which pixels become pseudo-labels (reference §1 and §3)."""
+
+    name: str = "ias"
+    alpha: float = 0.2  # IAS: selection proportion
+    beta: float = 0.9  # IAS: threshold momentum
+    gamma: float = 8.0  # IAS: hard-class exponent
+    instance_size: int = 1  # IAS: images per instance (the released code used 2)
+    proportion: float = 0.2  # CBST: share of pixels kept per class
+    threshold: float = 0.9  # constant threshold
+
+    def __post_init__(self):
+        if self.name not in SELECTORS:
+            raise ValueError(f"unknown selector {self.name!r}; choose one of {', '.join(SELECTORS)}")
+
+    def params(self) -> dict:
+        """The parameters that matter for the chosen selector (for hashes and logs)."""
+        keys = {
+            "ias": ("alpha", "beta", "gamma", "instance_size"),
+            "cbst": ("proportion",),
+            "constant": ("threshold",),
+        }[self.name]
+        return {"name": self.name, **{k: getattr(self, k) for k in keys}}
+
+
+@dataclass
+class PseudoLabelConfig:
+    store: str  # label store URI
+    checkpoint: str  # generator weights (local path or URI)
+    arch: str = "deeplabv2_resnet101"
+    num_classes: int = NUM_CLASSES
+    size: tuple[int, int] = (1280, 640)  # pseudo-label size (width, height)
+    test_sizes: tuple[tuple[int, int], ...] = ()  # multi-scale inference sizes; () = `size` only
+    flip: bool = False
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    num_workers: int = 1  # actors, one model each
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    part_size: int = 64  # images per Parquet part (the unit of resumption)
+    skip_unreadable: bool = False  # skip (and count) unreadable images instead of failing
+    num_previews: int = 4
+    round: int = 1
+
+
+# -- stage 1: predictions --------------------------------------------------------------
+
+
+class _LoadImages:
+    """Ray Data task: decode target images (and any ground truth) at the pseudo-label size."""
+
+    def __init__(self, size: tuple[int, int], skip_unreadable: bool):
+        self.size = tuple(size)
+        self.skip_unreadable = skip_unreadable
+
+    def __call__(self, batch: dict) -> dict:
+        w, h = self.size
+        n = len(batch["index"])
+        images = np.zeros((n, h, w, 3), np.uint8)
+        gts = np.full((n, h, w), IGNORE_INDEX, np.uint8)
+        ok = np.ones(n, bool)
+        has_gt = np.zeros(n, bool)
+        for i in range(n):
+            try:
+                image = load_image(batch["image"][i])
+            except (OSError, ValueError) as err:
+                if not self.skip_unreadable:
+                    raise ValueError(
+                        f"{err}\nFix or remove the file, or rerun with skip_unreadable=True "
+                        "to skip unreadable images (they are counted in the manifest)."
+                    ) from err
+                ok[i] = False
+                continue
+            images[i] = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+            if batch["label"][i]:
+                label = load_label(batch["label"][i])
+                gts[i] = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
+                has_gt[i] = True
+        return {"index": batch["index"], "image": images, "ground_truth": gts, "has_gt": has_gt, "ok": ok}
+
+
+class _Predictor:
+    """Ray Data actor: one generator model, run one image at a time."""
+
+    def __init__(self, cfg: PseudoLabelConfig):
+        # Same thread count in every actor: CPU kernels may reduce in a different order
+        # with a different number of threads, and the labels must not depend on the pool.
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_worker > 0 else "cpu")
+        self.model = build_model(cfg.arch, cfg.num_classes)
+        load_checkpoint(self.model, cfg.checkpoint)
+        self.model.to(self.device).eval()
+        self.size = tuple(cfg.size)
+        self.test_sizes = tuple(tuple(s) for s in cfg.test_sizes) or (self.size,)
+        self.flip = cfg.flip
+        self.num_classes = cfg.num_classes
+
+    def __call__(self, batch: dict) -> pa.Table:
+        rows = []
+        for i in range(len(batch["index"])):
+            row = {"index": int(batch["index"][i]), "ok": bool(batch["ok"][i])}
+            if row["ok"]:
+                w, h = self.size
+                probs = predict_probs(
+                    self.model, batch["image"][i][None], sizes=self.test_sizes, flip=self.flip, output_size=(h, w)
+                )[0]
+                conf, pred = probs.max(dim=0)
+                pred = pred.to(torch.uint8).cpu().numpy()
+                row["prediction"] = pred.tobytes()
+                row["confidence"] = conf.cpu().numpy().astype("<f2").tobytes()
+                row["class_pixels"] = np.bincount(pred.ravel(), minlength=self.num_classes).tolist()
+                row["ground_truth"] = batch["ground_truth"][i].tobytes() if batch["has_gt"][i] else None
+            rows.append(row)
+        return pa.Table.from_pylist(rows, schema=_PREDICTOR_SCHEMA)
+
+
+_PREDICTOR_SCHEMA = pa.schema(
+    [
+        ("index", pa.int32()),
+        ("ok", pa.bool_()),
+        ("prediction", pa.binary()),
+        ("confidence", pa.binary()),
+        ("class_pixels", pa.list_(pa.int64())),
+        ("ground_truth", pa.binary()),
+    ]
+)
+
+
+def _file_digest(uri: str) -> str:
+    h = hashlib.sha256()
+    with storage.open_file(uri, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prediction_settings(cfg: PseudoLabelConfig, samples: list[Sample]) -> dict:
+    """Everything the predictions depend on; its hash names a compatible prediction part."""
+    return {
+        "generator_sha256": _file_digest(cfg.checkpoint),
+        "generator": cfg.checkpoint,
+        "arch": cfg.arch,
+        "num_classes": cfg.num_classes,
+        "size": list(cfg.size),
+        "test_sizes": [list(s) for s in cfg.test_sizes],
+        "flip": cfg.flip,
+        "images_sha256": _hash([(s.name, s.image) for s in samples]),
+        "num_images": len(samples),
+        "part_size": cfg.part_size,
+    }
+
+
+def _ray_actor_args(cfg: PseudoLabelConfig) -> dict:
+    if cfg.gpus_per_worker > 0:
+        return {"num_gpus": cfg.gpus_per_worker, "num_cpus": cfg.cpus_per_worker}
+    return {"num_cpus": cfg.cpus_per_worker}
+
+
+def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, settings: dict) -> int:
+    """Stage 1: write every missing prediction part; returns how many parts were reused."""
+    config_hash = _hash(settings)
+    num_parts = math.ceil(len(samples) / cfg.part_size)
+    done = store.finished_prediction_parts(num_parts, config_hash)
+    todo = [i for i, _ in enumerate(samples) if i // cfg.part_size not in done]
+    if not todo:
+        return len(done)
+
+    items = [
+        {"index": i, "image": samples[i].image, "label": samples[i].label or ""}
+        for i in todo
+    ]
+    ctx = ray.data.DataContext.get_current()
+    previous_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # parts are written in canonical order
+    try:
+        ds = (
+            ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 8 * cfg.num_workers)))
+            .map_batches(_LoadImages, fn_constructor_args=(cfg.size, cfg.skip_unreadable), batch_size=8,
+                         compute=ray.data.TaskPoolStrategy())
+            .map_batches(
+                _Predictor,
+                fn_constructor_args=(cfg,),
+                batch_size=4,
+                compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+                **_ray_actor_args(cfg),
+            )
+        )
+        metadata = {"config_hash": config_hash, "settings": settings}
+        pending: list[dict] = []
+        part = todo[0] // cfg.part_size
+        with tqdm(total=len(samples), initial=len(samples) - len(todo), desc="pseudo-label: predict", unit="img") as bar:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for row in batch.to_pylist():
+                    index = row["index"]
+                    if index // cfg.part_size != part:
+                        store.write_predictions(part, pending, metadata)
+                        pending, part = [], index // cfg.part_size
+                    sample = samples[index]
+                    if row["ok"]:  # an unreadable image (skip_unreadable) has no row
+                        pending.append(
+                            {
+                                "index": index,
+                                "name": sample.name,
+                                "image": sample.image,
+                                "height": cfg.size[1],
+                                "width": cfg.size[0],
+                                **{k: row[k] for k in ("prediction", "confidence", "class_pixels", "ground_truth")},
+                            }
+                        )
+                    bar.update(1)
+            store.write_predictions(part, pending, metadata)
+    finally:
+        ctx.execution_options.preserve_order = previous_order
+    return len(done)
+
+
+# -- stage 2: selection ------------------------------------------------------------------
+
+
+def _threshold_source(sel: SelectorConfig, store: LabelStore, num_parts: int, num_classes: int):
+    """A function (list of records) -> per-class thresholds for those records, in order."""
+    if sel.name == "constant":
+        theta = np.full(num_classes, sel.threshold, np.float32)
+        return lambda records: theta
+    if sel.name == "cbst":
+        theta = selectors.cbst_thresholds(
+            ((r.confidence, r.prediction) for r in store.iter_predictions(num_parts)),
+            proportion=sel.proportion,
+            num_classes=num_classes,
+        )
+        return lambda records: theta
+    ias = selectors.IAS(num_classes=num_classes, alpha=sel.alpha, beta=sel.beta, gamma=sel.gamma)
+    return lambda records: ias.update([r.confidence for r in records], [r.prediction for r in records])
+
+
+def _instances(records, size: int):
+    group = []
+    for record in records:
+        group.append(record)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images: int, metadata: dict) -> dict:
+    """Stage 2: selector over the predictions in canonical order; writes the label parts."""
+    k = cfg.num_classes
+    thresholds_for = _threshold_source(cfg.selector, store, num_parts, k)
+    instance_size = cfg.selector.instance_size if cfg.selector.name == "ias" else 1
+    totals = {key: np.zeros(k, np.int64) for key in ("class_pixels", "class_kept", "class_correct", "class_gt_kept")}
+    previews, names = [], []
+    rows: list[dict] = []
+    part = 0
+    theta = np.full(k, np.nan, np.float32)
+    records = store.iter_predictions(num_parts)
+    with tqdm(total=num_images, desc="pseudo-label: select", unit="img") as bar:
+        for instance in _instances(records, instance_size):
+            theta = np.asarray(thresholds_for(instance), np.float32)
+            for r in instance:
+                if r.index // cfg.part_size != part:
+                    store.write_labels(part, rows, metadata)
+                    rows, part = [], r.index // cfg.part_size
+                label = selectors.apply_thresholds(r.confidence, r.prediction, theta)
+                kept = np.bincount(label[label != IGNORE_INDEX], minlength=k)[:k]
+                correct = None
+                if r.ground_truth is not None:
+                    hit = (label != IGNORE_INDEX) & (label == r.ground_truth)
+                    correct = np.bincount(label[hit], minlength=k)[:k]
+                    totals["class_correct"] += correct
+                    totals["class_gt_kept"] += kept
+                totals["class_pixels"] += r.class_pixels
+                totals["class_kept"] += kept
+                rows.append(
+                    {
+                        "index": r.index, "name": r.name, "image": r.image,
+                        "height": label.shape[0], "width": label.shape[1],
+                        "label": label.tobytes(),
+                        "thresholds": theta.tolist(),
+                        "class_pixels": r.class_pixels.tolist(),
+                        "class_kept": kept.tolist(),
+                        "class_correct": None if correct is None else correct.tolist(),
+                    }
+                )
+                names.append(r.name)
+                if len(previews) < cfg.num_previews:
+                    previews.append((r, label))
+                bar.update(1)
+        store.write_labels(part, rows, metadata)
+    return {"totals": totals, "final_thresholds": theta, "previews": previews, "names": names}
+
+
+def selection_statistics(totals: dict, final_thresholds: np.ndarray) -> dict:
+    """Per-class coverage, precision (where ground truth exists) and thresholds."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coverage = totals["class_kept"] / totals["class_pixels"]
+        precision = totals["class_correct"] / totals["class_gt_kept"]
+    has_gt = totals["class_gt_kept"].sum() > 0
+    return {
+        "coverage": [None if np.isnan(v) else float(v) for v in coverage],
+        "precision": [None if (np.isnan(v) or not has_gt) else float(v) for v in precision],
+        "thresholds": [float(v) for v in final_thresholds],
+        "pixels": totals["class_pixels"].tolist(),
+        "kept": totals["class_kept"].tolist(),
+        "coverage_all": float(totals["class_kept"].sum() / max(1, totals["class_pixels"].sum())),
+        "precision_all": (
+            float(totals["class_correct"].sum() / max(1, totals["class_gt_kept"].sum())) if has_gt else None
+        ),
+    }
+
+
+def write_previews(previews, store_uri: str) -> list[str]:
+    """PNG per preview image: image | pseudo-label | ground truth (where present)."""
+    paths = []
+    for record, label in previews:
+        image = np.asarray(
+            Image.fromarray(load_image(record.image)).resize(label.shape[::-1], Image.BILINEAR)
+        )
+        maps = [label] + ([record.ground_truth] if record.ground_truth is not None else [])
+        png = preview_row(image, *maps)
+        uri = storage.join(store_uri, "previews", f"{record.index:05d}_{record.name}.png")
+        with storage.open_file(uri, "wb") as f:
+            png.save(f, format="PNG")
+        paths.append(uri)
+    return paths
+
+
+def run(cfg: PseudoLabelConfig, samples: list[Sample]) -> dict:
+    """Make (or resume, or reuse) the label store of ``cfg`` for ``samples``; returns its manifest."""
+    if not samples:
+        raise ValueError("no target images to pseudo-label: check the dataset root and split")
+    samples = sorted(samples, key=lambda s: s.name)  # the canonical order
+    store = LabelStore(cfg.store)
+    settings = prediction_settings(cfg, samples)
+    selection = cfg.selector.params()
+    config_hash = _hash({"predictions": settings, "selector": selection, "round": cfg.round})
+    if store.is_complete():
+        manifest = store.manifest()
+        if manifest.get("config_hash") == config_hash:
+            return manifest  # already made with these settings: nothing to do
+        raise FileExistsError(
+            f"label store {cfg.store} is complete but was made with other settings "
+            f"(config hash {manifest.get('config_hash')} vs {config_hash}); choose another store "
+            "path or delete it to regenerate"
+        )
+    parts_reused = predict(cfg, samples, store, settings)
+    num_parts = math.ceil(len(samples) / cfg.part_size)
+    metadata = {"config_hash": config_hash, "selector": selection, "round": cfg.round}
+    result = select(cfg, store, num_parts, len(samples), metadata)
+    labelled = set(result["names"])
+    skipped = [s.name for s in samples if s.name not in labelled]
+    stats = selection_statistics(result["totals"], result["final_thresholds"])
+    preview_uris = write_previews(result["previews"], cfg.store)
+    manifest = {
+        "config_hash": config_hash,
+        "round": cfg.round,
+        "generator": {"checkpoint": cfg.checkpoint, "sha256": settings["generator_sha256"], "arch": cfg.arch},
+        "selector": selection,
+        "prediction_settings": settings,
+        "num_classes": cfg.num_classes,
+        "num_images": len(labelled),
+        "num_parts": num_parts,
+        "part_size": cfg.part_size,
+        "skipped_unreadable": skipped,
+        "prediction_parts_reused": parts_reused,
+        "statistics": stats,
+        "previews": preview_uris,
+    }
+    store.commit(manifest)
+    return manifest
