@@ -1,0 +1,49 @@
+"""The few collective operations the training loops need, apart from the method code.
+
+They work the same in a single process (no process group: no-ops), under Ray Train's
+gloo (CPU) or NCCL (GPU) process group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def sum_array(array: np.ndarray, device: torch.device) -> np.ndarray:
+    """Element-wise sum of a numpy array over all workers (e.g. confusion matrices)."""
+    tensor = torch.as_tensor(array, device=device)
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().numpy()
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Average the gradients of a module that is not wrapped in DDP (the discriminator:
+    it takes gradients from two backward passes per step, one of them with its weights
+    frozen, which DDP's reducer does not allow)."""
+    if not is_distributed():
+        return
+    n = world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(n)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)

@@ -1,0 +1,125 @@
+"""DeepLab-v2 (reference §5): dilated ResNet, four parallel dilated 3x3 convs summed,
+logits upsampled bilinearly (align_corners=True) to the input size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models.resnet import ResNet, resnet101, resnet_small
+
+BATCHNORM_MODES = ("train", "frozen_affine", "frozen")
+
+
+class DeepLabV2Classifier(nn.Module):
+    """DeepLab-v2's "ASPP": one 3x3 conv features→K per dilation, outputs summed."""
+
+    def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int]):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=d, dilation=d)
+            for d in dilations
+        )
+        for conv in self.convs:  # DeepLab's initialisation
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(conv(x) for conv in self.convs)
+
+
+class DeepLabV2(nn.Module):
+    """``model(x) -> logits [N, K, H, W]`` at the input resolution.
+
+    ``batchnorm_mode`` (see ``set_batchnorm_mode``) is re-applied on every ``train()``
+    / ``eval()`` call, including calls that reach the model through a wrapper (DDP).
+    """
+
+    def __init__(self, backbone: ResNet, num_classes: int, dilations: Sequence[int]):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = DeepLabV2Classifier(backbone.out_channels, num_classes, dilations)
+        self.num_classes = num_classes
+        self.batchnorm_mode = "train"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.backbone(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+    def train(self, mode: bool = True) -> DeepLabV2:
+        super().train(mode)
+        if self.batchnorm_mode == "frozen":
+            for bn in batchnorm_layers(self):
+                bn.eval()
+        return self
+
+
+def deeplabv2_resnet101(num_classes: int) -> DeepLabV2:
+    return DeepLabV2(resnet101(), num_classes, dilations=(6, 12, 18, 24))
+
+
+def deeplabv2_small(num_classes: int) -> DeepLabV2:
+    # DeepLab's dilations 6/12/18/24 are meant for a 64x128 feature map (512x1024 crops);
+    # the small model sees 128x256 crops (16x32 features), so they are divided by 4 and
+    # rounded up: the largest branch still spans ~40% of the feature map's height.
+    return DeepLabV2(resnet_small(), num_classes, dilations=(2, 3, 5, 6))
+
+
+ARCHS = {
+    "deeplabv2_resnet101": deeplabv2_resnet101,
+    "deeplabv2_small": deeplabv2_small,
+}
+
+
+def build_model(arch: str, num_classes: int) -> DeepLabV2:
+    """A freshly initialised model (load weights with ``pipeline.models.weights``)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown model arch {arch!r}: choose one of {sorted(ARCHS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    return ARCHS[arch](num_classes)
+
+
+def param_groups(model: DeepLabV2, lr: float) -> list[dict]:
+    """Optimiser groups of the released code: backbone at 0.1 x lr, classifier at lr.
+
+    Every parameter is listed, also those with requires_grad=False (frozen BN affine):
+    the optimiser skips parameters without gradients, and a later mode change needs no
+    new optimiser.
+    """
+    return [
+        {"name": "backbone", "params": list(model.backbone.parameters()), "lr": 0.1 * lr},
+        {"name": "classifier", "params": list(model.classifier.parameters()), "lr": lr},
+    ]
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
+
+
+def set_batchnorm_mode(model: DeepLabV2, mode: str) -> None:
+    """How batch norm behaves in training.
+
+    - "train": affine parameters trained, batch statistics in train mode (running
+      statistics updated);
+    - "frozen_affine": affine parameters fixed (requires_grad=False), but batch
+      statistics still used and running statistics updated in train mode: what the
+      released IAST code ("FREEZEBN") does;
+    - "frozen": affine parameters fixed and the layers kept in eval mode (running
+      statistics used and never updated), whatever ``model.train()`` says.
+    """
+    if mode not in BATCHNORM_MODES:
+        raise ValueError(f"unknown batch-norm mode {mode!r}: choose one of {list(BATCHNORM_MODES)}")
+    if not isinstance(model, DeepLabV2):
+        raise TypeError(
+            f"set_batchnorm_mode needs the DeepLabV2 itself, got {type(model).__name__} "
+            "(pass model.module for a DDP-wrapped model)"
+        )
+    model.batchnorm_mode = mode
+    for bn in batchnorm_layers(model):
+        for p in bn.parameters():
+            p.requires_grad_(mode == "train")
+    model.train(model.training)

@@ -1,0 +1,141 @@
+"""Weights from files (a local path or s3://, read through pipeline.storage; nothing is
+ever downloaded): torchvision's ImageNet backbone, our own checkpoints, and the
+checkpoints released with IAST.
+
+Every loader is strict: a missing, unexpected or wrongly shaped tensor raises a
+ValueError that names the first offending keys and shows what the file held. The one
+tolerance: BN ``num_batches_tracked`` counters may be absent (torchvision's older
+ImageNet files predate them); the model keeps its own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from pipeline import storage
+from pipeline.models.deeplab import DeepLabV2
+
+_SHOW = 5  # offending keys listed per kind
+
+
+def save_checkpoint(uri: str, model: DeepLabV2, **extra: Any) -> None:
+    """Write ``{"model": state_dict, **extra}``; extra holds plain values (numbers,
+    strings, lists, dicts, tensors) so that ``load_checkpoint`` can read it safely."""
+    with storage.open_file(uri, "wb") as f:
+        torch.save({"model": model.state_dict(), **extra}, f)
+
+
+def load_checkpoint(model: DeepLabV2, uri: str) -> dict:
+    """Load a checkpoint written by ``save_checkpoint`` (a "module." prefix from DDP is
+    removed); returns the whole checkpoint dict, so the caller can read its extras."""
+    checkpoint = _read(uri)
+    if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
+        raise ValueError(
+            f"{uri}: not a checkpoint of ours (a dict with a 'model' entry); found "
+            f"{_describe(checkpoint)}. For torchvision's ImageNet file use "
+            "load_imagenet_backbone, for a released IAST checkpoint load_iast_checkpoint."
+        )
+    state = _tensors(checkpoint["model"], uri, "the 'model' entry")
+    _load_exact(model, _strip_prefix(state, "module."), uri)
+    return dict(checkpoint)
+
+
+def load_imagenet_backbone(model: DeepLabV2, uri: str) -> None:
+    """Load torchvision's ImageNet ResNet state dict (``resnet101-*.pth``) into
+    ``model.backbone``; its classification head fc.* is dropped. The classifier keeps
+    its initialisation."""
+    state = _tensors(_read(uri), uri, "a torchvision ResNet state dict")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    _load_exact(model.backbone, state, uri)
+
+
+def map_iast_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a released IAST state dict to ours.
+
+    Verified against the released code (github.com/bupt-ai-cz/IAST-ECCV2020, formerly
+    Raykoooo/IAST, code/sseg): the trainers save ``net.state_dict()`` directly, with
+    ``net`` an apex DDP around ``UDASegmentor``, so the keys read
+      module.backbone.<torchvision ResNet name>   (incl. an unused ImageNet fc.*)
+      module.decoder.aspp.conv2d_list.<i>.{weight,bias}   (DeepLabV2Decoder, 2048→K)
+      module.discriminators.<type>.*   (warm-up checkpoints; not the segmentation net)
+    and ``predictor`` (UpsamplePredictor: bilinear, align_corners=True) has no weights.
+    Keys of any other form are passed through unchanged, so the strict load names them.
+    """
+    out = {}
+    for key, value in _strip_prefix(state, "module.").items():
+        if key.startswith(("backbone.fc.", "discriminators.")):
+            continue
+        branch = re.fullmatch(r"decoder\.aspp\.conv2d_list\.(\d+)\.(weight|bias)", key)
+        if branch:
+            key = f"classifier.convs.{branch[1]}.{branch[2]}"
+        out[key] = value
+    return out
+
+
+def load_iast_checkpoint(model: DeepLabV2, uri: str) -> None:
+    """Load a checkpoint released with IAST (e.g. G_gtav_at_warmup_v100.pth) into a
+    ``deeplabv2_resnet101`` model; see ``map_iast_keys`` for the naming."""
+    state = _tensors(_read(uri), uri, "a released IAST state dict")
+    _load_exact(model, map_iast_keys(state), uri)
+
+
+def _read(uri: str) -> Any:
+    storage.check_uri(uri)
+    if not storage.exists(uri):
+        raise FileNotFoundError(
+            f"weights file {uri} does not exist (weights are never downloaded: put the file there)"
+        )
+    with storage.open_file(uri, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _tensors(obj: Any, uri: str, what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise ValueError(f"{uri}: expected {what} (names → tensors), found {_describe(obj)}")
+    return dict(obj)
+
+
+def _strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _describe(obj: Any) -> str:
+    if not isinstance(obj, Mapping):
+        return f"a {type(obj).__name__}"
+    entries = [f"{k!r}: {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+               for k, v in list(obj.items())[:_SHOW]]
+    return f"a dict of {len(obj)} entries, e.g. {{{', '.join(entries)}}}"
+
+
+def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], uri: str) -> None:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        lines = [f"{uri}: the weights do not fit the {type(module).__name__}"]
+        if missing:
+            lines.append(f"  missing in the file ({len(missing)}): {missing[:_SHOW]}")
+        if unexpected:
+            lines.append(f"  not in the model ({len(unexpected)}): {unexpected[:_SHOW]}")
+        if wrong_shape:
+            shown = [f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
+                     for k in wrong_shape[:_SHOW]]
+            lines.append(f"  shape mismatch ({len(wrong_shape)}): {shown}")
+        if any(k.startswith("classifier.") for k in wrong_shape):
+            k = next(k for k in wrong_shape if k.startswith("classifier."))
+            lines.append(f"  (the file has {state[k].shape[0]} classes, the model "
+                         f"{expected[k].shape[0]}: build the model with the file's class count)")
+        lines.append(f"  the file holds {_describe(state)}")
+        raise ValueError("\n".join(lines))
+    for k, v in expected.items():  # absent num_batches_tracked: keep the model's own
+        state.setdefault(k, v)
+    module.load_state_dict(state)
