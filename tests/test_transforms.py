@@ -155,7 +155,7 @@ def test_same_seed_same_output_different_seed_different_output():
 
 def test_normalize():
     mean_image = np.broadcast_to(np.round(np.array(IMAGENET_MEAN) * 255).astype(np.uint8), (2, 3, 3))
-    out = normalize(np.ascontiguousarray(mean_image))
+    out = normalize(mean_image)
     assert out.shape == (3, 2, 3) and out.dtype == torch.float32
     assert out.abs().max() < 0.01
     white = normalize(np.full((2, 3, 3), 255, np.uint8))
@@ -165,6 +165,20 @@ def test_normalize():
     red = np.zeros((1, 1, 3), np.uint8)
     red[..., 0] = 255
     assert normalize(red)[0, 0, 0] > 2 and normalize(red)[1, 0, 0] < -2
+
+
+def test_normalize_batches_tensors_and_read_only_arrays(recwarn):
+    image, _ = _sample(4, 5)
+    batch = torch.from_numpy(np.stack([image, image[::-1].copy()]))
+    out = normalize(batch)
+    assert out.shape == (2, 3, 4, 5)
+    torch.testing.assert_close(out[0], normalize(image))
+    read_only = image.copy()
+    read_only.flags.writeable = False  # like np.asarray(PIL.Image)
+    torch.testing.assert_close(normalize(read_only), normalize(image))
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        normalize(image[..., :2])
 
 
 def test_eval_transform_only_normalizes():

@@ -1,0 +1,54 @@
+"""Validate a dataset folder and write its train-id labels, image lists and class statistics.
+
+    python jobs/prepare_data.py --dataset gta5 --root data/gta5
+    python jobs/prepare_data.py --dataset cityscapes --root s3://bucket/cityscapes --out s3://bucket/prepared
+
+Exits with status 1 and a report naming every bad file if the folder does not match the
+dataset's official layout (see pipeline/data/prepare.py). Re-running overwrites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline.data.datasets import DATASETS
+from pipeline.data.prepare import DatasetError, prepare
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--root", required=True, help="dataset folder or s3:// URI, official layout")
+    parser.add_argument("--out", help="where to write trainids/, lists/, stats/ (default: --root)")
+    parser.add_argument(
+        "--workers", type=_positive, default=os.cpu_count() or 1,
+        help="processes decoding frames (default: CPU count)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        result = prepare(args.dataset, args.root, args.out, args.workers)
+    except DatasetError as e:
+        print(e, file=sys.stderr)
+        return 1
+    for split, count in result.frames.items():
+        note = " (no labels)" if split in result.unlabeled else ""
+        print(f"{result.dataset} {split}: {count} frames{note}")
+    if result.excluded:
+        print(f"{len(result.excluded)} known-bad frame(s) excluded: {', '.join(result.excluded)}")
+    print(f"wrote {result.out}/lists, {result.out}/stats, {result.out}/trainids")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,491 @@
+"""Validate a dataset in its official on-disk layout and write what training reads.
+
+Layouts (paths relative to the dataset root; ``<name>`` is the frame name):
+
+- ``gta5``: ``images/<name>.png`` (RGB), ``labels/<name>.png`` (8-bit Cityscapes label
+  ids). All frames form the split ``train``, less ``GTA5_BAD_FRAMES``.
+- ``synthia`` (SYNTHIA-RAND-CITYSCAPES): ``RGB/<name>.png``, ``GT/LABELS/<name>.png``
+  (16-bit PNG, class id in the first channel). All frames form ``train``.
+- ``cityscapes``: ``leftImg8bit/<split>/<city>/<name>_leftImg8bit.png`` and
+  ``gtFine/<split>/<city>/<name>_gtFine_labelIds.png`` with ``<name>`` =
+  ``<city>_<seq>_<frame>``, splits ``train`` and ``val``. gtFine's other files
+  (``_color``, ``_instanceIds``, ``_polygons.json``, cityscapesScripts' ``*TrainIds``)
+  are ignored. A split with no ``gtFine/<split>/`` folder is prepared unlabeled (a UDA
+  target needs no labels).
+
+Any other file inside those folders is an error; other folders are not read.
+
+Validation collects every problem (a folder or file missing, an unpaired or unexpected
+file, an unreadable or corrupt PNG, a label of the wrong format, image/label size
+mismatch, label ids outside the dataset's id table) and raises one ``DatasetError``
+naming each file. Only then are the lists and statistics written, so a failed run leaves
+the previous ones in place.
+
+Outputs under ``out`` (default: the root), read by ``pipeline.data.datasets``:
+
+- ``trainids/<dataset>/<split>/<name>.png``: 8-bit train ids, 255 = ignore;
+- ``lists/<dataset>_<split>.txt``: ``name<TAB>image path<TAB>train-id path`` per frame,
+  sorted by name (no third field for an unlabeled split);
+- ``stats/<dataset>_<split>.parquet``, one row per frame, sorted by name:
+
+  ============== ============ ================================================
+  name           string       frame name
+  width, height  int32        image size in pixels
+  class_pixels   list<int64>  pixel count of each train id 0..18 (19 values)
+  ignore_pixels  int64        pixels labelled 255
+  ============== ============ ================================================
+
+  (``class_pixels`` and ``ignore_pixels`` are null in an unlabeled split).
+
+Every file is written under a temporary name and renamed (object stores: one PUT), and
+train-id files of frames no longer listed are removed, so a re-run overwrites cleanly.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import storage
+from pipeline.data.datasets import (
+    SPLITS,
+    check_dataset,
+    list_uri,
+    stats_uri,
+    trainid_path,
+)
+from pipeline.labels import (
+    CITYSCAPES_ID_TO_TRAIN,
+    GTA5_ID_TO_TRAIN,
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    SYNTHIA_ID_TO_TRAIN,
+    SYNTHIA_KNOWN_IDS,
+)
+
+# GTA5 frames whose label does not fit its image, left out of every list. The released
+# IAST lists skip 25 such frames, but those lists are not public in a form we could check
+# (CBST's and AdaptSegNet's GTA5 lists keep all 24,966 frames). These two are the ones
+# public loaders exclude because image and label sizes differ; any other mismatched
+# frame is still reported as an error by the size check.
+GTA5_BAD_FRAMES = frozenset({"15188", "17705"})
+
+# Label ids a file may contain: cityscapesScripts' table (ids 0..33; license plate, id
+# -1, is never drawn into label-id images) and SYNTHIA's documented class ids.
+_CITYSCAPES_KNOWN = np.zeros(256, dtype=bool)
+_CITYSCAPES_KNOWN[[lab.id for lab in _CITYSCAPES_LABELS if lab.id >= 0]] = True
+_SYNTHIA_KNOWN = np.zeros(65536, dtype=bool)
+_SYNTHIA_KNOWN[sorted(SYNTHIA_KNOWN_IDS)] = True
+
+_ID_TABLES = {  # dataset -> (label id -> train id, known label ids)
+    "gta5": (GTA5_ID_TO_TRAIN, _CITYSCAPES_KNOWN),
+    "synthia": (SYNTHIA_ID_TO_TRAIN, _SYNTHIA_KNOWN),
+    "cityscapes": (CITYSCAPES_ID_TO_TRAIN, _CITYSCAPES_KNOWN),
+}
+
+_CITYSCAPES_IGNORED = (
+    "_gtFine_color.png",
+    "_gtFine_instanceIds.png",
+    "_gtFine_polygons.json",
+    "_gtFine_labelTrainIds.png",
+    "_gtFine_instanceTrainIds.png",
+)
+
+_STATS_SCHEMA = pa.schema(
+    [
+        ("name", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("class_pixels", pa.list_(pa.int64())),
+        ("ignore_pixels", pa.int64()),
+    ]
+)
+
+
+class DatasetError(ValueError):
+    """A dataset folder failed validation; ``problems`` names each bad file."""
+
+    def __init__(self, dataset: str, root: str, problems: list[str]):
+        self.problems = problems
+        lines = [f"{dataset} at {root}: {len(problems)} problem(s)"]
+        lines += [f"  {p}" for p in problems]
+        lines.append("Fix or remove these files and run again; no list or statistics were written.")
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Frame:
+    name: str
+    image: str  # relative to the dataset root
+    label: str | None  # raw label, relative to the dataset root; None when unlabeled
+
+
+@dataclass(frozen=True)
+class Prepared:
+    dataset: str
+    out: str
+    frames: dict[str, int]  # split -> frames listed
+    unlabeled: tuple[str, ...]  # splits prepared without labels
+    excluded: tuple[str, ...]  # known-bad frames left out (GTA5_BAD_FRAMES present)
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+def _files(root: str, folder: str) -> list[str] | None:
+    """Every file under ``root/folder`` as a root-relative path; None if no such folder."""
+    fs, path = storage.filesystem(storage.join(root, folder))
+    if not fs.isdir(path):
+        return None
+    base = path.rstrip("/") + "/"
+    return sorted(f"{folder}/{p[len(base):]}" for p in fs.find(path))
+
+
+def _flat_pngs(root: str, folder: str, problems: list[str]) -> dict[str, str] | None:
+    """``folder/<name>.png`` files by name."""
+    files = _files(root, folder)
+    if files is None:
+        problems.append(f"{folder}/: folder not found")
+        return None
+    found = {}
+    for path in files:
+        rel = path[len(folder) + 1:]
+        if "/" in rel or not rel.endswith(".png"):
+            problems.append(f"{path}: unexpected file (expected {folder}/<name>.png)")
+        else:
+            found[rel[: -len(".png")]] = path
+    return found
+
+
+def _city_files(
+    root: str, folder: str, suffix: str, ignored: tuple[str, ...], problems: list[str]
+) -> dict[str, str] | None:
+    """``folder/<city>/<city>_<seq>_<frame>_<suffix>`` files by name."""
+    files = _files(root, folder)
+    if files is None:
+        return None
+    found = {}
+    for path in files:
+        parts = path[len(folder) + 1:].split("/")
+        match = len(parts) == 2 and re.fullmatch(
+            rf"({re.escape(parts[0])}_\d+_\d+)_{suffix}", parts[1]
+        )
+        if match:
+            found[match.group(1)] = path
+        elif not (len(parts) == 2 and parts[1].endswith(ignored)):
+            problems.append(
+                f"{path}: unexpected file (expected "
+                f"{folder}/<city>/<city>_<seq>_<frame>_{suffix})"
+            )
+    return found
+
+
+def _city(name: str) -> str:
+    return re.sub(r"_\d+_\d+$", "", name)
+
+
+def _pair(
+    images: dict[str, str], labels: dict[str, str], image_path, label_path, problems
+) -> list[Frame]:
+    frames = []
+    for name in sorted(images.keys() | labels.keys()):
+        if name not in labels:
+            problems.append(f"{label_path(name)}: missing (label of {images[name]})")
+        elif name not in images:
+            problems.append(f"{image_path(name)}: missing (image of {labels[name]})")
+        else:
+            frames.append(Frame(name, images[name], labels[name]))
+    return frames
+
+
+def scan(dataset: str, root: str) -> tuple[dict[str, list[Frame]], tuple[str, ...], list[str]]:
+    """Frames of each split, sorted by name; known-bad frames left out; layout problems."""
+    check_dataset(dataset)
+    problems: list[str] = []
+    fs, path = storage.filesystem(root)
+    if not fs.isdir(path):
+        return {}, (), [f"{root}: folder not found"]
+    if dataset == "cityscapes":
+        frames = {}
+        for split in SPLITS[dataset]:
+            folder = f"leftImg8bit/{split}"
+            images = _city_files(root, folder, "leftImg8bit.png", (), problems)
+            if images is None:
+                problems.append(f"{folder}/: folder not found")
+                continue
+            if not images:
+                problems.append(f"{folder}/: no images")
+            labels = _city_files(
+                root, f"gtFine/{split}", "gtFine_labelIds.png", _CITYSCAPES_IGNORED, problems
+            )
+            if labels is None:  # no gtFine/<split>/: an unlabeled split
+                frames[split] = [Frame(n, images[n], None) for n in sorted(images)]
+                continue
+            frames[split] = _pair(
+                images,
+                labels,
+                lambda n: f"{folder}/{_city(n)}/{n}_leftImg8bit.png",
+                lambda n: f"gtFine/{split}/{_city(n)}/{n}_gtFine_labelIds.png",
+                problems,
+            )
+        return frames, (), problems
+
+    image_dir, label_dir = ("images", "labels") if dataset == "gta5" else ("RGB", "GT/LABELS")
+    images = _flat_pngs(root, image_dir, problems)
+    labels = _flat_pngs(root, label_dir, problems)
+    if images is None or labels is None:
+        return {}, (), problems
+    if not images:
+        problems.append(f"{image_dir}/: no images")
+    excluded: tuple[str, ...] = ()
+    if dataset == "gta5":
+        excluded = tuple(sorted((images.keys() | labels.keys()) & GTA5_BAD_FRAMES))
+        for name in excluded:
+            images.pop(name, None)
+            labels.pop(name, None)
+    frames = _pair(
+        images, labels, lambda n: f"{image_dir}/{n}.png", lambda n: f"{label_dir}/{n}.png", problems
+    )
+    return {"train": frames}, excluded, problems
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def _open_png(data: bytes, rel: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ValueError(f"{rel}: unreadable or corrupt image ({e})") from None
+    if image.format != "PNG":
+        raise ValueError(f"{rel}: expected a PNG file, found {image.format}")
+    return image
+
+
+def _load(image: Image.Image, rel: str) -> Image.Image:
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ValueError(f"{rel}: unreadable or corrupt image ({e})") from None
+    return image
+
+
+def read_first_channel16(data: bytes, rel: str) -> np.ndarray:
+    """First channel of a 16-bit PNG (gray, RGB or RGBA) as uint16 (H, W).
+
+    Pillow reads a 16-bit colour PNG as 8-bit RGB(A), keeping the high byte of each sample
+    (raw mode ``RGB;16B``). Decoding the same stream again with the little-endian raw
+    mode (``RGB;16L``) keeps the low byte instead; together they give the exact value.
+    8-bit single-channel PNGs are accepted as well.
+    """
+    image = _open_png(data, rel)
+    if image.mode in ("I;16", "I;16B", "L", "P"):
+        return np.asarray(_load(image, rel)).astype(np.uint16)
+    (tile,) = image.tile
+    if tile.args not in ("RGB;16B", "RGBA;16B"):
+        raise ValueError(
+            f"{rel}: expected a 16-bit PNG with the class id in the first channel, got "
+            f"mode {image.mode} (raw {tile.args}); is this a GT/COLOR image?"
+        )
+    high = np.asarray(_load(image, rel))[..., 0]
+    low_image = _open_png(data, rel)
+    low_image.tile = [low_image.tile[0]._replace(args=tile.args[:-1] + "L")]
+    low = np.asarray(_load(low_image, rel))[..., 0]
+    return (high.astype(np.uint16) << 8) | low
+
+
+def read_label_ids(dataset: str, data: bytes, rel: str) -> np.ndarray:
+    """Raw label ids of a label file (uint8, or uint16 for SYNTHIA)."""
+    if dataset == "synthia":
+        return read_first_channel16(data, rel)
+    image = _open_png(data, rel)
+    if image.mode not in ("L", "P"):
+        raise ValueError(
+            f"{rel}: expected an 8-bit single-channel label-id PNG, got mode {image.mode}"
+            + ("; is this a _color image?" if image.mode in ("RGB", "RGBA") else "")
+        )
+    return np.asarray(_load(image, rel))
+
+
+def _ranges(ids: list[int]) -> str:
+    """Sorted ids as compact ranges: [0, 1, 2, 5] -> "0..2, 5"."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+
+
+# ---------------------------------------------------------------------------- one frame
+
+
+@dataclass
+class _Result:
+    name: str
+    width: int = 0
+    height: int = 0
+    class_pixels: list[int] | None = None
+    ignore_pixels: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _read(root: str, rel: str) -> bytes:
+    try:
+        return storage.read_bytes(storage.join(root, rel))
+    except OSError as e:
+        raise ValueError(f"{rel}: cannot read ({e})") from None
+
+
+def _encode_png(label: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    # Level 1: train-id maps compress well anyway and level 6 is ~4x slower to write.
+    Image.fromarray(label).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _prepare_frame(task: tuple[str, str, str, str, Frame]) -> _Result:
+    """Check one frame; write its train-id label if it is valid."""
+    dataset, root, out, split, frame = task
+    result = _Result(frame.name)
+    try:
+        image = _load(_open_png(_read(root, frame.image), frame.image), frame.image)
+        result.width, result.height = image.size
+    except ValueError as e:
+        result.problems.append(str(e))
+    if frame.label is None:
+        return result
+    try:
+        ids = read_label_ids(dataset, _read(root, frame.label), frame.label)
+    except ValueError as e:
+        result.problems.append(str(e))
+        return result
+    if result.width and ids.shape != (result.height, result.width):
+        result.problems.append(
+            f"{frame.label}: size {ids.shape[1]}x{ids.shape[0]} differs from image "
+            f"{frame.image} ({result.width}x{result.height})"
+        )
+    to_train, known = _ID_TABLES[dataset]
+    counts = np.bincount(ids.ravel(), minlength=known.size)
+    unknown = np.flatnonzero((counts > 0) & ~known)
+    if unknown.size:
+        result.problems.append(
+            f"{frame.label}: unknown label ids {', '.join(map(str, unknown[:10]))}"
+            f"{' ...' if unknown.size > 10 else ''} ({int(counts[unknown].sum())} pixels); "
+            f"known ids: {_ranges(np.flatnonzero(known).tolist())}"
+        )
+    if result.problems:
+        return result
+    per_train_id = np.bincount(to_train, weights=counts, minlength=256).astype(np.int64)
+    result.class_pixels = per_train_id[:NUM_CLASSES].tolist()
+    result.ignore_pixels = int(per_train_id[IGNORE_INDEX])
+    _write_atomic(
+        storage.join(out, trainid_path(dataset, split, frame.name)), _encode_png(to_train[ids])
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def _write_atomic(uri: str, data: bytes) -> None:
+    """Write under a temporary name, then rename: readers never see half a file."""
+    if storage.scheme(uri) != "file":
+        storage.write_bytes(uri, data)  # an object PUT is atomic
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    temporary = f"{uri}.tmp{os.getpid()}"
+    with open(temporary, "wb") as f:
+        f.write(data)
+    os.replace(temporary, uri)
+
+
+def _remove_stale(out: str, dataset: str, split: str, keep: set[str]) -> None:
+    """Delete train-id files (and temporaries of a crashed run) no longer listed."""
+    fs, path = storage.filesystem(storage.join(out, "trainids", dataset, split))
+    if not fs.isdir(path):
+        return
+    base = path.rstrip("/") + "/"
+    stale = [p for p in fs.find(path) if p[len(base):] not in keep]
+    if stale:
+        fs.rm(stale)
+
+
+def _write_split(
+    dataset: str, out: str, split: str, frames: list[Frame], results: list[_Result]
+) -> None:
+    lines = []
+    for frame in frames:
+        fields = [frame.name, frame.image]
+        if frame.label is not None:
+            fields.append(trainid_path(dataset, split, frame.name))
+        lines.append("\t".join(fields) + "\n")
+    rows = [
+        {
+            "name": r.name,
+            "width": r.width,
+            "height": r.height,
+            "class_pixels": r.class_pixels,
+            "ignore_pixels": r.ignore_pixels,
+        }
+        for r in results
+    ]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=_STATS_SCHEMA), buffer)
+    _write_atomic(stats_uri(out, dataset, split), buffer.getvalue())
+    _write_atomic(list_uri(out, dataset, split), "".join(lines).encode())
+    labeled = {f"{f.name}.png" for f in frames if f.label is not None}
+    _remove_stale(out, dataset, split, labeled)
+
+
+def _run(tasks: list, workers: int) -> list[_Result]:
+    progress = dict(total=len(tasks), desc="prepare", unit="frame", disable=None)
+    if workers == 1 or len(tasks) < 2:
+        return list(tqdm(map(_prepare_frame, tasks), **progress))
+    workers = min(workers, len(tasks))
+    chunksize = max(1, min(64, len(tasks) // (4 * workers)))
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(_prepare_frame, tasks, chunksize=chunksize), **progress))
+
+
+def prepare(dataset: str, root: str, out: str | None = None, workers: int | None = None) -> Prepared:
+    """Validate ``root`` as ``dataset``; write train-id labels, lists and statistics to ``out``.
+
+    Raises ``DatasetError`` listing every problem found (nothing but the train-id files
+    of valid frames is written then).
+    """
+    storage.check_uri(root)
+    out = storage.check_uri(out or root)
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    frames, excluded, problems = scan(dataset, root)
+    tasks = [(dataset, root, out, split, f) for split in frames for f in frames[split]]
+    results = _run(tasks, workers)
+    problems += [p for r in results for p in r.problems]
+    if problems:
+        raise DatasetError(dataset, root, sorted(problems))
+
+    by_split: dict[str, list[_Result]] = {split: [] for split in frames}
+    for (_, _, _, split, _), result in zip(tasks, results):
+        by_split[split].append(result)
+    for split in frames:
+        _write_split(dataset, out, split, frames[split], by_split[split])
+    return Prepared(
+        dataset=dataset,
+        out=out,
+        frames={split: len(frames[split]) for split in frames},
+        unlabeled=tuple(s for s in frames if any(f.label is None for f in frames[s])),
+        excluded=excluded,
+    )

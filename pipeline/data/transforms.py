@@ -1,0 +1,171 @@
+"""Training augmentation of the released IAST (reference §5) and ImageNet normalisation.
+
+A sample is (image, label): a uint8 HWC RGB numpy image and an integer HW numpy label
+map. All randomness comes from the numpy Generator passed to each call, so a seeded
+Generator fixes the output. The training preset follows the released albumentations
+pipeline: HorizontalFlip(p=0.5), RandomBrightnessContrast(p=0.3), RandomSizedCrop with
+w = 2h resized to 512x1024 (image bilinear, label nearest), then ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Crop heights of the released code at the datasets' full resolution (pixels).
+GTA5_CROP_HEIGHTS = (341, 950)
+SYNTHIA_CROP_HEIGHTS = (341, 640)
+CITYSCAPES_CROP_HEIGHTS = (341, 1000)
+OUTPUT_SIZE = (512, 1024)  # (height, width)
+
+Sample = tuple[np.ndarray, np.ndarray]
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple]
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(
+            f"expected a uint8 HxWx3 RGB numpy image, got "
+            f"{getattr(image, 'dtype', type(image))} of shape {getattr(image, 'shape', None)}"
+        )
+
+
+def normalize(image: np.ndarray | Tensor) -> Tensor:
+    """uint8 RGB (H, W, 3) or (N, H, W, 3), numpy or tensor → float32 (3, H, W) or
+    (N, 3, H, W) on the input's device: (x/255 - mean) / std with ImageNet statistics."""
+    # np.array copies: arrays backed by PIL images are read-only, which torch warns about.
+    x = image if isinstance(image, Tensor) else torch.from_numpy(np.array(image))
+    if x.dtype != torch.uint8 or x.dim() not in (3, 4) or x.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 RGB image (H, W, 3) or batch (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    x = x.movedim(-1, -3).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+class Compose:
+    """Applies transforms in order; checks the sample once on the way in."""
+
+    def __init__(self, transforms: list[Transform]):
+        self.transforms = transforms
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple:
+        _check_image(image)
+        if not isinstance(label, np.ndarray) or label.ndim != 2 or not np.issubdtype(label.dtype, np.integer):
+            raise ValueError(
+                f"expected an integer HxW numpy label map, got "
+                f"{getattr(label, 'dtype', type(label))} of shape {getattr(label, 'shape', None)}"
+            )
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"label shape {label.shape} does not match image shape {image.shape[:2]}")
+        for transform in self.transforms:
+            image, label = transform(image, label, rng)
+        return image, label
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Sample:
+        if rng.random() < self.p:
+            image, label = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
+        return image, label
+
+
+class RandomBrightnessContrast:
+    """albumentations' RandomBrightnessContrast with its defaults (the released code's):
+    x → clip(alpha·x + beta·255) with alpha = 1 + U(-contrast_limit, contrast_limit),
+    beta = U(-brightness_limit, brightness_limit), truncated to uint8 through a lookup table.
+    """
+
+    def __init__(self, brightness_limit: float = 0.2, contrast_limit: float = 0.2, p: float = 0.3):
+        self.brightness_limit = brightness_limit
+        self.contrast_limit = contrast_limit
+        self.p = p
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return image, label
+        alpha = 1.0 + rng.uniform(-self.contrast_limit, self.contrast_limit)
+        beta = rng.uniform(-self.brightness_limit, self.brightness_limit)
+        lut = np.arange(256, dtype=np.float32)
+        lut *= alpha
+        lut += beta * 255
+        lut = np.clip(lut, 0, 255).astype(np.uint8)
+        return lut[image], label
+
+
+class RandomSizedCrop:
+    """Crop of height drawn uniformly from the integers in ``height_range`` (pixels of the
+    input image, both ends included) and width = height · out_w / out_h, at a uniformly
+    random position, resized to ``output_size`` (height, width).
+
+    A crop larger than the image is shrunk to the largest one of that aspect that fits.
+    Resizing as albumentations' cv2 defaults: bilinear with half-pixel centres for the
+    image (rounded back to uint8), nearest for the label (output (r, c) takes input
+    (⌊r·h/out_h⌋, ⌊c·w/out_w⌋)), so label values are never mixed.
+    """
+
+    def __init__(self, height_range: tuple[int, int], output_size: tuple[int, int] = OUTPUT_SIZE):
+        min_height, max_height = height_range
+        if not 0 < min_height <= max_height:
+            raise ValueError(f"height_range must be (min, max) with 0 < min <= max, got {height_range}")
+        if min(output_size) <= 0:
+            raise ValueError(f"output_size must be a positive (height, width), got {output_size}")
+        self.height_range = (int(min_height), int(max_height))
+        self.output_size = (int(output_size[0]), int(output_size[1]))
+        self.aspect = self.output_size[1] / self.output_size[0]
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Sample:
+        height, width = label.shape
+        crop_height = int(rng.integers(self.height_range[0], self.height_range[1], endpoint=True))
+        crop_height = min(crop_height, height, int(width / self.aspect))
+        crop_width = int(crop_height * self.aspect)
+        if crop_height < 1 or crop_width < 1:
+            raise ValueError(f"image of size {height}x{width} is too small for a crop of aspect {self.aspect}")
+        top = int((height - crop_height) * rng.random())
+        left = int((width - crop_width) * rng.random())
+        image = image[top : top + crop_height, left : left + crop_width]
+        label = label[top : top + crop_height, left : left + crop_width]
+        return self._resize_image(image), self._resize_label(label)
+
+    def _resize_image(self, image: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        x = F.interpolate(x, size=self.output_size, mode="bilinear", align_corners=False)
+        return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+    def _resize_label(self, label: np.ndarray) -> np.ndarray:
+        (height, width), (out_height, out_width) = label.shape, self.output_size
+        rows = np.arange(out_height) * height // out_height
+        cols = np.arange(out_width) * width // out_width
+        return label[rows[:, None], cols[None, :]]
+
+
+class Normalize:
+    """Final step: ImageNet-normalised float32 CHW image tensor and int64 HW label tensor."""
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+        return normalize(image), torch.from_numpy(label.astype(np.int64))
+
+
+def train_transform(crop_height_range: tuple[int, int], output_size: tuple[int, int] = OUTPUT_SIZE) -> Compose:
+    """The released IAST training augmentation; call as ``transform(image, label, rng)``."""
+    return Compose([
+        RandomHorizontalFlip(p=0.5),
+        RandomBrightnessContrast(p=0.3),
+        RandomSizedCrop(crop_height_range, output_size),
+        Normalize(),
+    ])
+
+
+def eval_transform() -> Compose:
+    """Normalisation only; call as ``transform(image, label, rng)`` (rng is unused)."""
+    return Compose([Normalize()])
