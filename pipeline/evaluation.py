@@ -18,10 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.data.transforms import normalize
 from pipeline.labels import CLASS_NAMES, IGNORE_INDEX, MIOU13_CLASSES, MIOU16_CLASSES, NUM_CLASSES
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # IAST-MST: softmax at these sizes, upsampled to full resolution and summed.
 MST_SIZES: tuple[tuple[int, int], ...] = ((1024, 512), (1280, 640), (1536, 768), (1800, 900), (2048, 1024))
@@ -133,22 +131,6 @@ def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def to_tensor_normalized(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 RGB (H, W, 3) or (N, H, W, 3) -> float32 (3, H, W) or (N, 3, H, W), ImageNet mean/std.
-
-    The one place images are normalised. A uint8 tensor stays on its device, so move it
-    to the GPU before normalising to copy a quarter of the bytes.
-    """
-    # np.array copies: arrays backed by PIL images are read-only, which torch warns about.
-    x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
-    if x.dtype != torch.uint8 or x.dim() not in (3, 4) or x.shape[-1] != 3:
-        raise ValueError(f"expected a uint8 RGB image (H, W, 3) or batch (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
-    x = x.movedim(-1, -3).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -173,7 +155,7 @@ def predict_probs(
     if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(
             f"expected normalised float images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}: "
-            "use to_tensor_normalized"
+            "use normalize"
         )
     device = _model_device(model)
     images = images.to(device)
@@ -224,7 +206,7 @@ def evaluate(
     total = len(samples) if hasattr(samples, "__len__") else None
     for image, label in tqdm(samples, total=total, desc="evaluate", disable=not progress):
         image = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
-        x = to_tensor_normalized(image.to(device))
+        x = normalize(image.to(device))
         label = _as_numpy(label)
         if x.dim() == 3:
             x, label = x[None], label[None]

@@ -6,14 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluation import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ConfusionMatrix,
-    evaluate,
-    predict_probs,
-    to_tensor_normalized,
-)
+from pipeline.data.transforms import normalize
+from pipeline.evaluation import ConfusionMatrix, evaluate, predict_probs
 from pipeline.labels import (
     CITYSCAPES_ID_TO_TRAIN,
     CLASS_NAMES,
@@ -217,21 +211,6 @@ def test_miou_matches_cityscapes_scripts(tmp_path):
 # ------------------------------------------------------------------------ inference
 
 
-def test_to_tensor_normalized_uses_imagenet_statistics():
-    image = np.zeros((2, 3, 3), np.uint8)
-    image[0, 1] = 255
-    x = to_tensor_normalized(image)
-    assert x.shape == (3, 2, 3) and x.dtype == torch.float32
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    torch.testing.assert_close(x[:, 0, 1], (1 - mean) / std)
-    torch.testing.assert_close(x[:, 1, 2], -mean / std)
-    batch = to_tensor_normalized(torch.from_numpy(np.stack([image, image])))
-    assert batch.shape == (2, 3, 2, 3)
-    torch.testing.assert_close(batch[1], x)
-    with pytest.raises(ValueError, match="uint8"):
-        to_tensor_normalized(image.astype(np.float32))
-
-
 def _conv_model(symmetric: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.Dropout(0.5))
@@ -271,7 +250,7 @@ def test_multi_scale_and_flip_shapes_and_probabilities():
             model(small).softmax(1), size=(12, 20), mode="bilinear", align_corners=True
         )
     torch.testing.assert_close(predict_probs(model, x, sizes=[(10, 6)]), expected)
-    with pytest.raises(ValueError, match="to_tensor_normalized"):
+    with pytest.raises(ValueError, match="normalize"):
         predict_probs(model, torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
 
 
@@ -292,7 +271,7 @@ class _NearestPaletteColour(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        colours = to_tensor_normalized(PALETTE[None, :NUM_CLASSES]).squeeze(1).T  # (K, 3)
+        colours = normalize(PALETTE[None, :NUM_CLASSES]).squeeze(1).T  # (K, 3)
         self.conv = torch.nn.Conv2d(3, NUM_CLASSES, 1)
         with torch.no_grad():
             self.conv.weight.copy_(100 * 2 * colours[:, :, None, None])
