@@ -1,6 +1,9 @@
 """IAS selection time per 19x640x1280 map: ours (numpy, torch CPU) vs the released loop.
 
-Run: .venv/bin/python benchmarks/bench_selectors.py   (about 30 s on 2 cores)
+Run: .venv/bin/python benchmarks/bench_selectors.py   (15-40 s on 2 cores)
+
+Times are the best of a few runs (the released loop's too), so the ratio holds up on a
+busy machine; the load average is printed alongside.
 
 The released loop is a transcription of IAST's sl_trainer pseudo-label step: per instance
 (a batch of 2 images) a per-class boolean mask extends a Python list with float16 scalars,
@@ -10,6 +13,7 @@ a per-pixel Python lambda (np.apply_along_axis) that looks up each pixel's thres
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -20,7 +24,8 @@ from pipeline.selectors import IAS, select
 
 NUM_CLASSES, HEIGHT, WIDTH = 19, 640, 1280
 ALPHA, BETA, GAMMA = 0.2, 0.9, 8.0
-INSTANCES, IMAGES_PER_INSTANCE, REPEATS = 2, 2, 3
+INSTANCES, IMAGES_PER_INSTANCE = 2, 2
+REPEATS, RELEASED_REPEATS = 5, 2
 
 
 def make_batches(seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -83,9 +88,9 @@ def ours(instances) -> tuple[list, list[np.ndarray]]:
     return labels, thetas
 
 
-def best_time(fn, *args) -> tuple[float, object]:
+def best_time(fn, *args, repeats: int = REPEATS) -> tuple[float, object]:
     best, result = float("inf"), None
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         result = fn(*args)
         best = min(best, time.perf_counter() - start)
@@ -95,13 +100,17 @@ def best_time(fn, *args) -> tuple[float, object]:
 def main() -> None:
     maps = INSTANCES * IMAGES_PER_INSTANCE
     print(f"IAS on {maps} maps of {NUM_CLASSES}x{HEIGHT}x{WIDTH} ({INSTANCES} instances of {IMAGES_PER_INSTANCE} images), "
-          f"alpha {ALPHA}, beta {BETA}, gamma {GAMMA}; torch threads {torch.get_num_threads()}")
+          f"alpha {ALPHA}, beta {BETA}, gamma {GAMMA}; {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()}")
     batches = make_batches(seed=0)
 
-    times = dict.fromkeys(["thresholds", "argmax/amax", "per-pixel mask"], 0.0)
-    start = time.perf_counter()
-    ref_labels, ref_thetas = released_loop(batches, times)
-    released = (time.perf_counter() - start) / maps
+    runs = []
+    for _ in range(RELEASED_REPEATS):
+        times = dict.fromkeys(["thresholds", "argmax/amax", "per-pixel mask"], 0.0)
+        ref_labels, ref_thetas = released_loop(batches, times)
+        runs.append(times)
+    times = min(runs, key=lambda t: sum(t.values()))
+    released = sum(times.values()) / maps
     print(f"released loop      {1000 * released:9.1f} ms/map  ("
           + ", ".join(f"{k} {1000 * v / maps:.1f}" for k, v in times.items()) + ")")
 
@@ -117,10 +126,11 @@ def main() -> None:
         results[name] = same
         print(f"{name:18s} {1000 * seconds / maps:9.1f} ms/map  speed-up x{released * maps / seconds:6.1f}  "
               f"labels and thetas identical to released: {same}")
+        if name == "ours, numpy":
+            numpy_seconds = seconds
     released_no_argmax = (times["thresholds"] + times["per-pixel mask"]) / maps
-    seconds, _ = best_time(ours, numpy_in)
-    print(f"(released without its argmax/amax recomputation: {1000 * released_no_argmax:.1f} ms/map, "
-          f"numpy speed-up x{released_no_argmax * maps / seconds:.1f})")
+    print(f"(released loop without re-doing argmax/amax over the softmax: {1000 * released_no_argmax:.1f} ms/map, "
+          f"numpy speed-up x{released_no_argmax * maps / numpy_seconds:.1f})")
 
     # Labels from float16-stored confidences: thresholds are identical (IAS rounds to float16
     # anyway); the mask compares float16 instead of float32 values with theta.

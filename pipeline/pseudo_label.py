@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -32,12 +30,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import selectors, storage
-from pipeline.data.datasets import Sample, load_image, load_label
+from pipeline.data.datasets import DataConfig, Sample, load_image, load_label
+from pipeline.data.transforms import normalize
 from pipeline.evaluation import predict_probs
 from pipeline.label_store import LabelStore
 from pipeline.labels import IGNORE_INDEX, NUM_CLASSES
 from pipeline.models import build_model, load_checkpoint
-from pipeline.visualize import preview_row
+from pipeline.visualize import preview_row, save_png
 
 SELECTORS = ("ias", "cbst", "constant")
 
@@ -51,7 +50,7 @@ class SelectorConfig:
     beta: float = 0.9  # IAS: threshold momentum
     gamma: float = 8.0  # IAS: hard-class exponent
     instance_size: int = 1  # IAS: images per instance (the released code used 2)
-    proportion: float = 0.2  # CBST: share of pixels kept per class
+    portion: float = 0.2  # CBST: share of each class's pixels kept
     threshold: float = 0.9  # constant threshold
 
     def __post_init__(self):
@@ -62,7 +61,7 @@ class SelectorConfig:
         """The parameters that matter for the chosen selector (for hashes and logs)."""
         keys = {
             "ias": ("alpha", "beta", "gamma", "instance_size"),
-            "cbst": ("proportion",),
+            "cbst": ("portion",),
             "constant": ("threshold",),
         }[self.name]
         return {"name": self.name, **{k: getattr(self, k) for k in keys}}
@@ -70,8 +69,9 @@ class SelectorConfig:
 
 @dataclass
 class PseudoLabelConfig:
+    target: DataConfig  # the target images to label (their labels, if any, only for statistics)
     store: str  # label store URI
-    checkpoint: str  # generator weights (local path or URI)
+    checkpoint: str  # generator weights, a checkpoint of ours (local path or URI)
     arch: str = "deeplabv2_resnet101"
     num_classes: int = NUM_CLASSES
     size: tuple[int, int] = (1280, 640)  # pseudo-label size (width, height)
@@ -90,37 +90,29 @@ class PseudoLabelConfig:
 # -- stage 1: predictions --------------------------------------------------------------
 
 
-class _LoadImages:
-    """Ray Data task: decode target images (and any ground truth) at the pseudo-label size."""
+def _load_images(batch: dict, size: tuple[int, int]) -> dict:
+    """Ray Data task: decode target images (and any ground truth) at the pseudo-label size.
 
-    def __init__(self, size: tuple[int, int], skip_unreadable: bool):
-        self.size = tuple(size)
-        self.skip_unreadable = skip_unreadable
-
-    def __call__(self, batch: dict) -> dict:
-        w, h = self.size
-        n = len(batch["index"])
-        images = np.zeros((n, h, w, 3), np.uint8)
-        gts = np.full((n, h, w), IGNORE_INDEX, np.uint8)
-        ok = np.ones(n, bool)
-        has_gt = np.zeros(n, bool)
-        for i in range(n):
-            try:
-                image = load_image(batch["image"][i])
-            except (OSError, ValueError) as err:
-                if not self.skip_unreadable:
-                    raise ValueError(
-                        f"{err}\nFix or remove the file, or rerun with skip_unreadable=True "
-                        "to skip unreadable images (they are counted in the manifest)."
-                    ) from err
-                ok[i] = False
-                continue
+    An unreadable file does not fail the task: its error travels with its row, so the
+    driver first saves every finished part before it, then fails (or skips it).
+    """
+    w, h = size
+    n = len(batch["index"])
+    images = np.zeros((n, h, w, 3), np.uint8)
+    gts = np.full((n, h, w), IGNORE_INDEX, np.uint8)
+    has_gt = np.zeros(n, bool)
+    errors = np.full(n, "", dtype=object)
+    for i in range(n):
+        try:
+            image = load_image(batch["image"][i])
             images[i] = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
             if batch["label"][i]:
                 label = load_label(batch["label"][i])
                 gts[i] = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
                 has_gt[i] = True
-        return {"index": batch["index"], "image": images, "ground_truth": gts, "has_gt": has_gt, "ok": ok}
+        except (OSError, ValueError) as err:
+            errors[i] = str(err)
+    return {"index": batch["index"], "image": images, "ground_truth": gts, "has_gt": has_gt, "error": errors}
 
 
 class _Predictor:
@@ -144,12 +136,11 @@ class _Predictor:
     def __call__(self, batch: dict) -> pa.Table:
         rows = []
         for i in range(len(batch["index"])):
-            row = {"index": int(batch["index"][i]), "ok": bool(batch["ok"][i])}
-            if row["ok"]:
+            row = {"index": int(batch["index"][i]), "error": batch["error"][i]}
+            if not row["error"]:
                 w, h = self.size
-                probs = predict_probs(
-                    self.model, batch["image"][i][None], sizes=self.test_sizes, flip=self.flip, output_size=(h, w)
-                )[0]
+                x = normalize(torch.from_numpy(batch["image"][i][None]).to(self.device))
+                probs = predict_probs(self.model, x, sizes=self.test_sizes, flip=self.flip, output_size=(w, h))[0]
                 conf, pred = probs.max(dim=0)
                 pred = pred.to(torch.uint8).cpu().numpy()
                 row["prediction"] = pred.tobytes()
@@ -163,7 +154,7 @@ class _Predictor:
 _PREDICTOR_SCHEMA = pa.schema(
     [
         ("index", pa.int32()),
-        ("ok", pa.bool_()),
+        ("error", pa.string()),
         ("prediction", pa.binary()),
         ("confidence", pa.binary()),
         ("class_pixels", pa.list_(pa.int64())),
@@ -225,8 +216,7 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
     try:
         ds = (
             ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 8 * cfg.num_workers)))
-            .map_batches(_LoadImages, fn_constructor_args=(cfg.size, cfg.skip_unreadable), batch_size=8,
-                         compute=ray.data.TaskPoolStrategy())
+            .map_batches(_load_images, fn_args=(tuple(cfg.size),), batch_size=8)
             .map_batches(
                 _Predictor,
                 fn_constructor_args=(cfg,),
@@ -246,7 +236,13 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
                         store.write_predictions(part, pending, metadata)
                         pending, part = [], index // cfg.part_size
                     sample = samples[index]
-                    if row["ok"]:  # an unreadable image (skip_unreadable) has no row
+                    if row["error"] and not cfg.skip_unreadable:
+                        raise ValueError(
+                            f"{row['error']}\nFix or remove the file, or set skip_unreadable=true to "
+                            "skip unreadable images (they are listed in the manifest). Finished parts "
+                            "are kept: a re-run resumes after them."
+                        )
+                    if not row["error"]:  # a skipped unreadable image gets no row
                         pending.append(
                             {
                                 "index": index,
@@ -273,13 +269,15 @@ def _threshold_source(sel: SelectorConfig, store: LabelStore, num_parts: int, nu
         theta = np.full(num_classes, sel.threshold, np.float32)
         return lambda records: theta
     if sel.name == "cbst":
-        theta = selectors.cbst_thresholds(
-            ((r.confidence, r.prediction) for r in store.iter_predictions(num_parts)),
-            proportion=sel.proportion,
-            num_classes=num_classes,
+        # CBST's thresholds need the whole target set first; they are applied to the stored
+        # top-1 prediction (conf >= theta[argmax]), since the store keeps no full softmax.
+        hist = sum(
+            selectors.confidence_histogram(r.confidence, r.prediction, num_classes)
+            for r in store.iter_predictions(num_parts)
         )
+        theta = selectors.cbst_thresholds(hist, sel.portion)
         return lambda records: theta
-    ias = selectors.IAS(num_classes=num_classes, alpha=sel.alpha, beta=sel.beta, gamma=sel.gamma)
+    ias = selectors.IAS(sel.alpha, sel.beta, sel.gamma, num_classes)
     return lambda records: ias.update([r.confidence for r in records], [r.prediction for r in records])
 
 
@@ -299,7 +297,7 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
     k = cfg.num_classes
     thresholds_for = _threshold_source(cfg.selector, store, num_parts, k)
     instance_size = cfg.selector.instance_size if cfg.selector.name == "ias" else 1
-    totals = {key: np.zeros(k, np.int64) for key in ("class_pixels", "class_kept", "class_correct", "class_gt_kept")}
+    totals = {key: np.zeros(k, np.int64) for key in ("class_pixels", "class_kept", "class_correct", "class_judged")}
     previews, names = [], []
     rows: list[dict] = []
     part = 0
@@ -307,19 +305,19 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
     records = store.iter_predictions(num_parts)
     with tqdm(total=num_images, desc="pseudo-label: select", unit="img") as bar:
         for instance in _instances(records, instance_size):
-            theta = np.asarray(thresholds_for(instance), np.float32)
+            theta = np.asarray(thresholds_for(instance), np.float64)
             for r in instance:
                 if r.index // cfg.part_size != part:
                     store.write_labels(part, rows, metadata)
                     rows, part = [], r.index // cfg.part_size
-                label = selectors.apply_thresholds(r.confidence, r.prediction, theta)
+                label = selectors.select(r.confidence, r.prediction, theta)
                 kept = np.bincount(label[label != IGNORE_INDEX], minlength=k)[:k]
                 correct = None
-                if r.ground_truth is not None:
-                    hit = (label != IGNORE_INDEX) & (label == r.ground_truth)
-                    correct = np.bincount(label[hit], minlength=k)[:k]
+                if r.ground_truth is not None:  # precision over kept pixels that have ground truth
+                    judged = (label != IGNORE_INDEX) & (r.ground_truth != IGNORE_INDEX)
+                    correct = np.bincount(label[judged & (label == r.ground_truth)], minlength=k)[:k]
                     totals["class_correct"] += correct
-                    totals["class_gt_kept"] += kept
+                    totals["class_judged"] += np.bincount(label[judged], minlength=k)[:k]
                 totals["class_pixels"] += r.class_pixels
                 totals["class_kept"] += kept
                 rows.append(
@@ -327,7 +325,7 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
                         "index": r.index, "name": r.name, "image": r.image,
                         "height": label.shape[0], "width": label.shape[1],
                         "label": label.tobytes(),
-                        "thresholds": theta.tolist(),
+                        "thresholds": theta.astype(np.float32).tolist(),
                         "class_pixels": r.class_pixels.tolist(),
                         "class_kept": kept.tolist(),
                         "class_correct": None if correct is None else correct.tolist(),
@@ -345,8 +343,8 @@ def selection_statistics(totals: dict, final_thresholds: np.ndarray) -> dict:
     """Per-class coverage, precision (where ground truth exists) and thresholds."""
     with np.errstate(invalid="ignore", divide="ignore"):
         coverage = totals["class_kept"] / totals["class_pixels"]
-        precision = totals["class_correct"] / totals["class_gt_kept"]
-    has_gt = totals["class_gt_kept"].sum() > 0
+        precision = totals["class_correct"] / totals["class_judged"]
+    has_gt = totals["class_judged"].sum() > 0
     return {
         "coverage": [None if np.isnan(v) else float(v) for v in coverage],
         "precision": [None if (np.isnan(v) or not has_gt) else float(v) for v in precision],
@@ -355,7 +353,7 @@ def selection_statistics(totals: dict, final_thresholds: np.ndarray) -> dict:
         "kept": totals["class_kept"].tolist(),
         "coverage_all": float(totals["class_kept"].sum() / max(1, totals["class_pixels"].sum())),
         "precision_all": (
-            float(totals["class_correct"].sum() / max(1, totals["class_gt_kept"].sum())) if has_gt else None
+            float(totals["class_correct"].sum() / max(1, totals["class_judged"].sum())) if has_gt else None
         ),
     }
 
@@ -368,19 +366,19 @@ def write_previews(previews, store_uri: str) -> list[str]:
             Image.fromarray(load_image(record.image)).resize(label.shape[::-1], Image.BILINEAR)
         )
         maps = [label] + ([record.ground_truth] if record.ground_truth is not None else [])
-        png = preview_row(image, *maps)
         uri = storage.join(store_uri, "previews", f"{record.index:05d}_{record.name}.png")
-        with storage.open_file(uri, "wb") as f:
-            png.save(f, format="PNG")
+        save_png(preview_row(image, *maps), uri)
         paths.append(uri)
     return paths
 
 
-def run(cfg: PseudoLabelConfig, samples: list[Sample]) -> dict:
-    """Make (or resume, or reuse) the label store of ``cfg`` for ``samples``; returns its manifest."""
+def run(cfg: PseudoLabelConfig) -> dict:
+    """Make (or resume, or reuse) the label store of ``cfg``; returns its manifest."""
+    samples = sorted(cfg.target.samples(), key=lambda s: s.name)  # the canonical order
     if not samples:
-        raise ValueError("no target images to pseudo-label: check the dataset root and split")
-    samples = sorted(samples, key=lambda s: s.name)  # the canonical order
+        raise ValueError(f"no target images to pseudo-label in {cfg.target.root} ({cfg.target.split})")
+    if not storage.exists(cfg.checkpoint):
+        raise FileNotFoundError(f"generator checkpoint {cfg.checkpoint} not found")
     store = LabelStore(cfg.store)
     settings = prediction_settings(cfg, samples)
     selection = cfg.selector.params()
@@ -418,4 +416,4 @@ def run(cfg: PseudoLabelConfig, samples: list[Sample]) -> dict:
         "previews": preview_uris,
     }
     store.commit(manifest)
-    return manifest
+    return store.manifest()

@@ -32,7 +32,7 @@ from PIL import Image
 
 from pipeline import config as config_lib
 from pipeline import distributed, storage
-from pipeline.data.datasets import Sample, list_samples, load_image, load_label
+from pipeline.data.datasets import DataConfig, Sample, load_image, load_label
 from pipeline.data.transforms import eval_transform, train_transform
 from pipeline.evaluation import ConfusionMatrix, predict_probs
 from pipeline.label_store import LabelStore, decode_label
@@ -51,19 +51,6 @@ from pipeline.models.discriminator import OutputSpaceDiscriminator
 
 CHECKPOINT_FILE = "checkpoint.pt"
 Stage = Literal["source_only", "adversarial", "self_training", "oracle"]
-
-
-@dataclass
-class DataConfig:
-    """A prepared dataset split (see ``jobs/prepare_data.py``)."""
-
-    dataset: Literal["gta5", "synthia", "cityscapes"]
-    root: str
-    split: str = "train"
-    prepared: str | None = None  # where prepare_data wrote lists and labels (default: root)
-
-    def samples(self) -> list[Sample]:
-        return list_samples(self.dataset, self.root, self.split, self.prepared)
 
 
 @dataclass

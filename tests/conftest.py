@@ -25,3 +25,35 @@ def ray_cluster():
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def benchmark_data(tmp_path_factory):
+    """A tiny built-in benchmark, generated and prepared: {"source": DataConfig, ...}."""
+    from pipeline.data.benchmark import generate
+    from pipeline.data.datasets import DataConfig
+    from pipeline.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("benchmark")
+    generate(str(root), seed=3, num_source=8, num_target_train=10, num_target_val=4, workers=1)
+    prepare("gta5", str(root / "source"), workers=1)
+    prepare("cityscapes", str(root / "target"), workers=1)
+    return {
+        "root": root,
+        "source": DataConfig("gta5", str(root / "source")),
+        "target": DataConfig("cityscapes", str(root / "target"), "train"),
+        "val": DataConfig("cityscapes", str(root / "target"), "val"),
+    }
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """A small DeepLab-v2 with random (seeded) weights, saved as a checkpoint of ours."""
+    import torch
+
+    from pipeline.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "small.pt"
+    save_checkpoint(str(path), build_model("deeplabv2_small", 19))
+    return str(path)

@@ -11,7 +11,11 @@ from pipeline.selectors import (
     CODE_VALUES,
     IAS,
     NUM_CODES,
+    _cbst_select_torch,
+    _float16_codes,
+    _histogram_torch,
     _percentile_with_extra,
+    _select_torch,
     cbst_portion,
     cbst_select,
     cbst_thresholds,
@@ -161,6 +165,38 @@ def test_ias_torch_equals_numpy(device):
         np.testing.assert_array_equal(label_t.cpu().numpy(), label_np)
 
 
+@pytest.mark.parametrize("conf_dtype", [np.float32, np.float16])
+def test_torch_implementations_equal_numpy(conf_dtype):
+    # CPU tensors go through numpy; the torch code (GPU tensors) is checked here on CPU.
+    rng = np.random.default_rng(7)
+    conf, argmax = random_maps(rng, (3, 29, 31), 19, 13, False)
+    conf = conf.astype(conf_dtype)
+    conf[0, 0, :4] = [-0.0, 1e-7, 3e-5, 2**-14]
+    theta = IAS(0.2).update(conf, argmax)
+    theta[:3] = [0.0, 1.0, float(conf[0, 1, 1])]
+    conf_t, argmax_t = torch.from_numpy(conf), torch.from_numpy(argmax)
+    for stride in (1, 4):
+        np.testing.assert_array_equal(
+            _histogram_torch(conf_t, argmax_t, 19, stride).reshape(19, NUM_CODES),
+            confidence_histogram(conf, argmax, stride=stride),
+        )
+    np.testing.assert_array_equal(_select_torch(conf_t, argmax_t, theta).numpy(), select(conf, argmax, theta))
+
+
+def test_float16_codes_round_like_numpy():
+    codes = np.arange(NUM_CODES, dtype=np.uint16)
+    values = codes.view(np.float16).astype(np.float32)
+    midpoints = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(np.float32)  # exact ties
+    rng = np.random.default_rng(8)
+    samples = np.concatenate([
+        values, midpoints, np.nextafter(midpoints, 0), np.nextafter(midpoints, 1),
+        rng.random(100_000, dtype=np.float32), rng.random(1000, dtype=np.float32) * 2**-14, [-0.0, 0.0, 1.0],
+    ]).astype(np.float32)
+    expected = samples.astype(np.float16).view(np.uint16) & 0x7FFF
+    np.testing.assert_array_equal(_float16_codes(samples), expected)
+    np.testing.assert_array_equal(_float16_codes(samples.astype(np.float16)), expected)
+
+
 def test_histograms_summed_from_workers_give_the_same_update():
     # Pass 1 in parallel: per-image histograms; the sequential pass only adds them up.
     rng = np.random.default_rng(2)
@@ -238,8 +274,10 @@ def test_cbst_matches_released_loop(stride, num_classes, shape, present, ties, p
     np.testing.assert_array_equal(theta, expected_theta)
     for probmap, expected in zip(probmaps, expected_labels, strict=True):
         np.testing.assert_array_equal(cbst_select(probmap, theta), expected)
+        np.testing.assert_array_equal(_cbst_select_torch(torch.from_numpy(probmap), theta).numpy(), expected)
         for device in DEVICES:
             label = cbst_select(torch.from_numpy(probmap).to(device), theta)
+            assert label.device.type == device
             np.testing.assert_array_equal(label.cpu().numpy(), expected)
 
 
@@ -302,7 +340,6 @@ def test_cbst_portion_schedule():
         (np.full((2, 3), np.nan, np.float32), np.zeros((2, 3), np.uint8), r"\[0, 1\]"),
         (np.zeros((2, 3), np.float32), np.full((2, 3), 19, np.uint8), "argmax must lie"),
         (np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), "integer"),
-        (np.zeros((2, 3), np.float32), torch.zeros((2, 3), dtype=torch.uint8), "both"),
     ],
 )
 def test_bad_maps_are_rejected(conf, argmax, message):

@@ -46,6 +46,22 @@ def check_dataset(dataset: str) -> None:
         raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    """A prepared dataset split, as the configs name it."""
+
+    dataset: str  # gta5 | synthia | cityscapes
+    root: str  # the dataset folder (local or s3://)
+    split: str = "train"
+    prepared: str | None = None  # where jobs/prepare_data.py wrote lists and labels (default: root)
+
+    def __post_init__(self):
+        check_split(self.dataset, self.split)
+
+    def samples(self) -> list[Sample]:
+        return list_samples(self.dataset, self.root, self.split, self.prepared)
+
+
 def check_split(dataset: str, split: str) -> None:
     check_dataset(dataset)
     if split not in SPLITS[dataset]:

@@ -178,7 +178,7 @@ def _city_files(
     for path in files:
         parts = path[len(folder) + 1:].split("/")
         match = len(parts) == 2 and re.fullmatch(
-            rf"({re.escape(parts[0])}_\d+_\d+)_{suffix}", parts[1]
+            rf"({re.escape(parts[0])}_\d+_\d+)_{re.escape(suffix)}", parts[1]
         )
         if match:
             found[match.group(1)] = path
@@ -291,15 +291,15 @@ def read_first_channel16(data: bytes, rel: str) -> np.ndarray:
     image = _open_png(data, rel)
     if image.mode in ("I;16", "I;16B", "L", "P"):
         return np.asarray(_load(image, rel)).astype(np.uint16)
-    (tile,) = image.tile
-    if tile.args not in ("RGB;16B", "RGBA;16B"):
+    rawmode = image.tile[0].args if len(image.tile) == 1 else None
+    if rawmode not in ("RGB;16B", "RGBA;16B"):
         raise ValueError(
             f"{rel}: expected a 16-bit PNG with the class id in the first channel, got "
-            f"mode {image.mode} (raw {tile.args}); is this a GT/COLOR image?"
+            f"mode {image.mode} (raw mode {rawmode}); is this a GT/COLOR image?"
         )
     high = np.asarray(_load(image, rel))[..., 0]
     low_image = _open_png(data, rel)
-    low_image.tile = [low_image.tile[0]._replace(args=tile.args[:-1] + "L")]
+    low_image.tile = [low_image.tile[0]._replace(args=rawmode[:-1] + "L")]
     low = np.asarray(_load(low_image, rel))[..., 0]
     return (high.astype(np.uint16) << 8) | low
 
@@ -450,7 +450,7 @@ def _write_split(
 
 
 def _run(tasks: list, workers: int) -> list[_Result]:
-    progress = dict(total=len(tasks), desc="prepare", unit="frame", disable=None)
+    progress = dict(total=len(tasks), desc="prepare", unit="frame", mininterval=1.0)
     if workers == 1 or len(tasks) < 2:
         return list(tqdm(map(_prepare_frame, tasks), **progress))
     workers = min(workers, len(tasks))

@@ -1,0 +1,129 @@
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cityscapesscripts.helpers.labels import labels as cityscapes_labels
+from PIL import Image
+
+from pipeline.data import benchmark
+from pipeline.labels import CITYSCAPES_ID_TO_TRAIN, NUM_CLASSES, train_id
+from pipeline.visualize import GAP
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "make_benchmark.py"
+VALID_IDS = {lab.id for lab in cityscapes_labels if lab.id >= 0}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _shares(dom: benchmark.Domain, n: int = 24) -> np.ndarray:
+    counts = np.zeros(256)
+    for i in range(n):
+        _, ids = benchmark.render(dom, np.random.default_rng([7, i]))
+        counts += np.bincount(CITYSCAPES_ID_TO_TRAIN[ids].ravel(), minlength=256)
+    return counts[:NUM_CLASSES] / counts[:NUM_CLASSES].sum()
+
+
+def test_same_seed_gives_identical_files_whatever_the_workers(tmp_path):
+    benchmark.generate(str(tmp_path / "a"), seed=3, num_source=3, num_target_train=2, num_target_val=2, workers=1)
+    benchmark.generate(str(tmp_path / "b"), seed=3, num_source=3, num_target_train=2, num_target_val=2, workers=2)
+    benchmark.generate(str(tmp_path / "c"), seed=4, num_source=3, num_target_train=2, num_target_val=2, workers=1)
+    a, b, c = (_files(tmp_path / name) for name in "abc")
+    assert len(a) == 2 * (3 + 2 + 2)
+    assert a == b
+    assert a.keys() == c.keys()
+    assert all(a[k] != c[k] for k in a if "images" in k or "leftImg8bit" in k)
+
+
+def test_layout_sizes_and_label_ids(tmp_path):
+    counts = benchmark.generate(str(tmp_path), seed=0, num_source=2, num_target_train=3, num_target_val=3, workers=1)
+    names = set(_files(tmp_path))
+    assert {"source/images/00001.png", "source/labels/00002.png"} <= names
+    assert "target/leftImg8bit/train/aachen/aachen_000000_000000_leftImg8bit.png" in names
+    assert "target/gtFine/train/zurich/zurich_000000_000002_gtFine_labelIds.png" in names
+    assert "target/leftImg8bit/val/lindau/lindau_000000_000001_leftImg8bit.png" in names
+    assert "target/gtFine/val/munster/munster_000000_000002_gtFine_labelIds.png" in names
+
+    for i in range(2):
+        image, label = (Image.open(p) for p in benchmark.source_paths(str(tmp_path), i))
+        assert (image.mode, image.size) == ("RGB", benchmark.SOURCE_SIZE)
+        assert (label.mode, label.size) == ("P", benchmark.SOURCE_SIZE)  # GTA5 ships palette PNGs
+        ids = np.asarray(label)
+        assert set(np.unique(ids)) <= VALID_IDS
+        assert benchmark.EGO_VEHICLE not in ids
+    for split in ("train", "val"):
+        for i in range(3):
+            image, label = (Image.open(p) for p in benchmark.target_paths(str(tmp_path), split, i))
+            assert (image.mode, image.size) == ("RGB", benchmark.TARGET_SIZE)
+            assert (label.mode, label.size) == ("L", benchmark.TARGET_SIZE)
+            ids = np.asarray(label)
+            assert set(np.unique(ids)) <= VALID_IDS
+            assert ids[-1, benchmark.TARGET_SIZE[0] // 2] == benchmark.EGO_VEHICLE  # the bonnet, ignored
+            assert benchmark.ROAD in ids
+
+    # Label ids, not train ids: road is written as 7, and train ids 0..18 would include 0..6.
+    source_ids = np.asarray(Image.open(benchmark.source_paths(str(tmp_path), 0)[1]))
+    assert benchmark.ROAD == 7 and (source_ids == 7).mean() > 0.1
+    assert counts["source"].sum() == 2 * np.prod(benchmark.SOURCE_SIZE)
+    assert counts["target_val"].sum() == 3 * np.prod(benchmark.TARGET_SIZE)
+
+
+def test_class_frequencies_differ_between_domains():
+    src, tgt = _shares(benchmark.SOURCE), _shares(benchmark.TARGET)
+    for name in ("person", "bicycle", "vegetation", "fence", "pole"):
+        assert tgt[train_id(name)] > 1.5 * src[train_id(name)], name
+    for name in ("truck", "bus", "motorcycle"):
+        assert src[train_id(name)] > 1.5 * tgt[train_id(name)], name
+    assert src[train_id("car")] > tgt[train_id("car")]
+    assert 0.5 * np.abs(src - tgt).sum() > 0.15  # total variation between the class distributions
+
+
+def _stats(dom: benchmark.Domain, n: int = 12) -> tuple[float, float, float]:
+    """Mean saturation; sharpness (|Laplacian| on label boundaries); texture (deviation
+    from the 3x3 mean inside road areas)."""
+    saturation, sharpness, texture = [], [], []
+    for i in range(n):
+        image, ids = benchmark.render(dom, np.random.default_rng([11, i]))
+        rgb = image.astype(np.float32)
+        saturation.append(np.mean(rgb.max(2) - rgb.min(2)))
+        g = rgb.mean(2)
+        inner, ids = g[1:-1, 1:-1], ids[1:-1, 1:-1]
+        neighbours = [g[:-2, 1:-1], g[2:, 1:-1], g[1:-1, :-2], g[1:-1, 2:]]
+        lap = np.abs(4 * inner - sum(neighbours))
+        boundary = (ids != np.roll(ids, 1, 0)) | (ids != np.roll(ids, 1, 1))
+        sharpness.append(lap[boundary].mean())
+        texture.append(np.median(np.abs(inner - (inner + sum(neighbours)) / 5)[ids == benchmark.ROAD]))
+    return float(np.mean(saturation)), float(np.mean(sharpness)), float(np.mean(texture))
+
+
+def test_appearance_differs_between_domains():
+    src_sat, src_sharp, src_tex = _stats(benchmark.SOURCE)
+    tgt_sat, tgt_sharp, tgt_tex = _stats(benchmark.TARGET)
+    assert src_sat > 1.5 * tgt_sat  # GTA5-like: saturated; Cityscapes-like: dull
+    assert src_sharp > 2 * tgt_sharp  # GTA5-like: crisp edges; Cityscapes-like: blurred
+    assert tgt_tex > 1.5 * src_tex  # Cityscapes-like: grainy asphalt; GTA5-like: clean
+
+
+def test_rejects_negative_counts(tmp_path):
+    with pytest.raises(ValueError, match="num-source"):
+        benchmark.generate(str(tmp_path), num_source=-1, num_target_train=0, num_target_val=0, workers=1)
+
+
+def test_job_writes_benchmark_and_preview(tmp_path, capsys):
+    main = runpy.run_path(str(JOB))["main"]
+    out = tmp_path / "bench"
+    assert main(["--out", str(out), "--seed", "1", "--num-source", "2", "--num-target-train", "1",
+                 "--num-target-val", "2", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "preview.png" in printed and "target val" in printed
+    sheet = np.asarray(Image.open(out / "preview.png"))
+    # Two columns (image | coloured label) of 256 pixels on a white grid.
+    assert sheet.shape[1] == 2 * 256 + 3 * GAP
+    assert sheet.shape[0] > 2 * (benchmark.SOURCE_SIZE[1] + benchmark.TARGET_SIZE[1])
+    # The first source frame appears unchanged in the left column.
+    first = np.asarray(Image.open(benchmark.source_paths(str(out), 0)[0]))
+    rows = [y for y in range(sheet.shape[0] - first.shape[0])
+            if np.array_equal(sheet[y, GAP:GAP + 256], first[0])]
+    assert rows and np.array_equal(sheet[rows[0]:rows[0] + first.shape[0], GAP:GAP + 256], first)

@@ -1,0 +1,122 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.data.datasets import DataConfig
+from pipeline.label_store import LabelStore, decode_label
+from pipeline.pseudo_label import PseudoLabelConfig, SelectorConfig, run
+
+
+def _cfg(store, target, checkpoint, **kw):
+    return PseudoLabelConfig(
+        target=target, store=str(store), checkpoint=checkpoint, arch="deeplabv2_small",
+        size=(128, 64), part_size=3, **kw,
+    )
+
+
+def _store_rows(uri):
+    store = LabelStore(uri)
+    labels = store.read_labels().to_pylist()
+    parts = sorted(Path(uri, "predictions").glob("part-*.parquet"))
+    predictions = [pq.read_table(p).to_pylist() for p in parts]
+    return labels, [r for part in predictions for r in part]
+
+
+def test_one_and_two_workers_give_identical_stores(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
+    one = run(_cfg(tmp_path / "one", benchmark_data["target"], small_checkpoint, num_workers=1))
+    two = run(_cfg(tmp_path / "two", benchmark_data["target"], small_checkpoint, num_workers=2))
+    labels1, preds1 = _store_rows(str(tmp_path / "one"))
+    labels2, preds2 = _store_rows(str(tmp_path / "two"))
+    assert [r["name"] for r in labels1] == sorted(r["name"] for r in labels1)  # canonical order
+    assert len(labels1) == 10 and one["num_parts"] == 4
+    assert labels1 == labels2  # bit for bit: labels, thresholds, counts
+    assert preds1 == preds2
+    assert one["statistics"] == two["statistics"]
+    assert one["config_hash"] == two["config_hash"]
+    # the IAS thresholds moved away from their 0.9 start for the predicted classes
+    assert labels1[-1]["thresholds"] != [pytest.approx(0.9)] * 19
+
+
+def test_store_contents_and_statistics(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
+    keep_all = SelectorConfig("constant", threshold=0.0)
+    manifest = run(_cfg(tmp_path / "s", benchmark_data["target"], small_checkpoint, selector=keep_all))
+    rows, predictions = _store_rows(str(tmp_path / "s"))
+    row = rows[0]
+    label = decode_label(row)
+    assert label.shape == (64, 128)
+    kept = np.bincount(label[label != 255], minlength=19)
+    assert kept.tolist() == row["class_kept"]
+    assert sum(row["class_pixels"]) == 64 * 128
+    # threshold 0 keeps every pixel: precision is the generator's accuracy on labelled pixels
+    stats = manifest["statistics"]
+    assert stats["coverage_all"] == 1.0
+    correct = judged = 0
+    for p in predictions:
+        pred = np.frombuffer(p["prediction"], np.uint8)
+        gt = np.frombuffer(p["ground_truth"], np.uint8)
+        correct += int(((pred == gt) & (gt != 255)).sum())
+        judged += int((gt != 255).sum())
+    assert stats["precision_all"] == pytest.approx(correct / judged)
+    assert manifest["selector"] == {"name": "constant", "threshold": 0.0}
+    assert manifest["generator"]["sha256"] and manifest["round"] == 1
+    assert len(manifest["previews"]) == 4
+    preview = Image.open(manifest["previews"][0])
+    assert preview.width > 3 * 128  # image | pseudo-label | ground truth
+
+
+def test_rerun_of_a_complete_store_does_nothing_and_other_settings_are_refused(
+    ray_cluster, benchmark_data, small_checkpoint, tmp_path
+):
+    cfg = _cfg(tmp_path / "s", benchmark_data["target"], small_checkpoint, selector=SelectorConfig("constant"))
+    first = run(cfg)
+    parts = sorted((tmp_path / "s").rglob("*.parquet"))
+    mtimes = [p.stat().st_mtime_ns for p in parts]
+    assert run(cfg) == first
+    assert [p.stat().st_mtime_ns for p in parts] == mtimes
+    other = _cfg(tmp_path / "s", benchmark_data["target"], small_checkpoint, selector=SelectorConfig("cbst"))
+    with pytest.raises(FileExistsError, match="other settings"):
+        run(other)
+
+
+def _copy_target(benchmark_data, tmp_path):
+    root = tmp_path / "target"
+    shutil.copytree(benchmark_data["target"].root, root)
+    return DataConfig("cityscapes", str(root), "train")
+
+
+def test_corrupt_image_fails_with_its_name_then_resume_reuses_finished_parts(
+    ray_cluster, benchmark_data, small_checkpoint, tmp_path
+):
+    target = _copy_target(benchmark_data, tmp_path)
+    samples = sorted(target.samples(), key=lambda s: s.name)
+    bad = samples[7].image  # in the third part: parts 0 and 1 are finished before it fails
+    original = open(bad, "rb").read()
+    open(bad, "wb").write(b"\x89PNG\r\n\x1a\n not really")
+    cfg = _cfg(tmp_path / "s", target, small_checkpoint)
+    with pytest.raises(Exception, match=samples[7].name):
+        run(cfg)
+    store = LabelStore(str(tmp_path / "s"))
+    assert not store.is_complete()  # nothing visible to training
+    open(bad, "wb").write(original)
+    manifest = run(cfg)
+    assert manifest["prediction_parts_reused"] >= 1
+    names = store.read_labels(columns=["name"]).column("name").to_pylist()
+    assert names == [s.name for s in samples]  # complete, no duplicates
+    clean = run(_cfg(tmp_path / "clean", target, small_checkpoint))
+    assert store.read_labels().to_pylist() == LabelStore(str(tmp_path / "clean")).read_labels().to_pylist()
+    assert clean["statistics"] == manifest["statistics"]
+
+
+def test_skip_unreadable_counts_and_excludes_the_image(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
+    target = _copy_target(benchmark_data, tmp_path)
+    samples = sorted(target.samples(), key=lambda s: s.name)
+    open(samples[2].image, "wb").write(b"garbage")
+    manifest = run(_cfg(tmp_path / "s", target, small_checkpoint, skip_unreadable=True))
+    assert manifest["skipped_unreadable"] == [samples[2].name]
+    assert manifest["num_images"] == 9
+    names = LabelStore(str(tmp_path / "s")).read_labels(columns=["name"]).column("name").to_pylist()
+    assert samples[2].name not in names and len(names) == 9
