@@ -99,7 +99,8 @@ def best_time(fn, *args, repeats: int = REPEATS) -> tuple[float, object]:
 
 def main() -> None:
     maps = INSTANCES * IMAGES_PER_INSTANCE
-    print(f"IAS on {maps} maps of {NUM_CLASSES}x{HEIGHT}x{WIDTH} ({INSTANCES} instances of {IMAGES_PER_INSTANCE} images), "
+    print(f"IAS on {maps} maps of {NUM_CLASSES}x{HEIGHT}x{WIDTH} "
+          f"({INSTANCES} instances of {IMAGES_PER_INSTANCE} images), "
           f"alpha {ALPHA}, beta {BETA}, gamma {GAMMA}; {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()}")
     batches = make_batches(seed=0)
@@ -117,28 +118,28 @@ def main() -> None:
     numpy_in = [([*conf], [*argmax]) for _, conf, argmax in batches]
     torch_in = [([*torch.from_numpy(conf)], [*torch.from_numpy(argmax)]) for _, conf, argmax in batches]
     half_in = [([c.astype(np.float16) for c in conf], argmax) for conf, argmax in numpy_in]
-    results = {}
+    seconds, identical = {}, {}
     for name, instances in [("ours, numpy", numpy_in), ("ours, torch CPU", torch_in)]:
-        seconds, (labels, thetas) = best_time(ours, instances)
+        seconds[name], (labels, thetas) = best_time(ours, instances)
         labels = [label.numpy() if isinstance(label, torch.Tensor) else label for label in labels]
-        same = all(np.array_equal(a, b) for a, b in zip(labels, ref_labels)) and all(
+        identical[name] = all(np.array_equal(a, b) for a, b in zip(labels, ref_labels)) and all(
             np.array_equal(a, b) for a, b in zip(thetas, ref_thetas))
-        results[name] = same
-        print(f"{name:18s} {1000 * seconds / maps:9.1f} ms/map  speed-up x{released * maps / seconds:6.1f}  "
-              f"labels and thetas identical to released: {same}")
-        if name == "ours, numpy":
-            numpy_seconds = seconds
+        print(f"{name:18s} {1000 * seconds[name] / maps:9.1f} ms/map  "
+              f"speed-up x{released * maps / seconds[name]:6.1f}  "
+              f"labels and thetas identical to released: {identical[name]}")
     released_no_argmax = (times["thresholds"] + times["per-pixel mask"]) / maps
     print(f"(released loop without re-doing argmax/amax over the softmax: {1000 * released_no_argmax:.1f} ms/map, "
-          f"numpy speed-up x{released_no_argmax * maps / numpy_seconds:.1f})")
+          f"numpy speed-up x{released_no_argmax * maps / seconds['ours, numpy']:.1f})")
 
     # Labels from float16-stored confidences: thresholds are identical (IAS rounds to float16
     # anyway); the mask compares float16 instead of float32 values with theta.
     _, (half_labels, half_thetas) = best_time(ours, half_in)
     differ = sum(int((a != b).sum()) for a, b in zip(half_labels, ref_labels))
-    print(f"float16-stored conf: thetas identical {all(np.array_equal(a, b) for a, b in zip(half_thetas, ref_thetas))}, "
-          f"labels differ at {differ} of {maps * HEIGHT * WIDTH} pixels ({100 * differ / (maps * HEIGHT * WIDTH):.4f}%)")
-    assert all(results.values()), "labels differ from the released loop"
+    pixels = maps * HEIGHT * WIDTH
+    same_thetas = all(np.array_equal(a, b) for a, b in zip(half_thetas, ref_thetas))
+    print(f"float16-stored conf: thetas identical {same_thetas}, "
+          f"labels differ at {differ} of {pixels} pixels ({100 * differ / pixels:.4f}%)")
+    assert all(identical.values()), "labels or thetas differ from the released loop"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,15 @@ Percentiles and ranks are read from per-class histograms over the 15,361 float16
 in [0, 1]. The released IAST code rounds confidences to float16 before its percentile,
 so these histograms hold exactly the values it sorts, and the results are bit-identical
 to its loop. Histograms of several images add up, so workers can build them in parallel
-and only the (cheap) threshold recursion runs in canonical order.
+and only the (cheap) threshold recursion runs in canonical order:
+
+    hists = [confidence_histogram(conf, argmax) for ...]        # any worker, any order
+    ias = IAS(alpha)                                             # fresh each round
+    thetas = [ias.update_from_histogram(sum(h)) for h in instances_in_canonical_order]
+    label = select(conf, argmax, theta_of_its_instance)          # any worker
+
+The released code compared float32 confidences with theta; select() on float16-stored
+confidences gives the same thresholds but can flip pixels within a float16 step of theta.
 """
 
 from __future__ import annotations
@@ -353,7 +361,9 @@ def spatial_prior(label_maps: Iterable[np.ndarray], size: Sequence[int], num_cla
         label = label.ravel()
         valid = label != IGNORE_INDEX
         if (label[valid] >= num_classes).any():
-            raise ValueError(f"label maps must hold train ids < {num_classes} or {IGNORE_INDEX}, got {label[valid].max()}")
+            raise ValueError(
+                f"label maps must hold train ids < {num_classes} or {IGNORE_INDEX}, got {label[valid].max()}"
+            )
         counts[label[valid], pixels[valid]] += 1  # one class per pixel: no repeated index
         seen += 1
     if not seen:

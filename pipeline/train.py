@@ -302,7 +302,7 @@ def evaluate_shard(model, samples: list[Sample], cfg: TrainConfig, device) -> Co
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker function. ``loop_config``: {"config": TrainConfig dict, and optionally
-    "on_step": a callable(step) run after every step (used by the tests to inject faults)}."""
+    "on_step": a callable(step, model) run after every step (the tests inject faults with it)}."""
     cfg = config_lib.from_dict(TrainConfig, loop_config["config"])
     on_step = loop_config.get("on_step")
     torch.manual_seed(cfg.seed)
@@ -394,7 +394,7 @@ def train_loop(loop_config: dict) -> None:
         sums["_n"] = sums.get("_n", 0) + 1
 
         if on_step is not None:
-            on_step(step)
+            on_step(step, distributed.unwrap(model))
         is_last = step == cfg.iterations
         if step % cfg.log_every == 0 or is_last:
             n = sums.pop("_n")
@@ -431,7 +431,7 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
-def fit(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:
+def fit(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
     """Run (or resume) one training stage on the current Ray cluster."""
     check_config(cfg)
     fs, root = storage.arrow_filesystem(cfg.storage)

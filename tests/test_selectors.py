@@ -229,6 +229,14 @@ def test_absent_class_threshold_moves_as_released():
     assert theta[1] != 0.9
 
 
+def test_threshold_reaching_one_is_clipped_to_0999():
+    conf, argmax = np.ones((1, 4, 4), np.float32), np.zeros((1, 4, 4), np.uint8)
+    (_, expected), = released_ias([(conf, argmax)], 0.5, 0.0, 8.0, 2)
+    theta = IAS(0.5, beta=0.0, num_classes=2).update(conf, argmax)
+    np.testing.assert_array_equal(theta, expected)
+    assert theta[0] == 0.999
+
+
 def test_select_uses_float64_comparison_and_constant_threshold():
     # float32(0.9) < 0.9 < the next float32: a float32 comparison would keep both.
     conf = np.array([[np.nextafter(np.float32(0.9), 1), 0.9]], np.float32)
@@ -262,7 +270,12 @@ def random_probmaps(rng, count, num_classes, shape, present, ties):
 @pytest.mark.parametrize("stride", [1, 4])
 @pytest.mark.parametrize(
     "num_classes,shape,present,ties,portion",
-    [(19, (24, 40), 19, False, 0.2), (19, (16, 20), 6, True, 0.35), (4, (3, 5), 4, False, 0.05), (7, (30, 30), 3, True, 0.5)],
+    [
+        (19, (24, 40), 19, False, 0.2),
+        (19, (16, 20), 6, True, 0.35),
+        (4, (3, 5), 4, False, 0.05),
+        (7, (30, 30), 3, True, 0.5),
+    ],
 )
 def test_cbst_matches_released_loop(stride, num_classes, shape, present, ties, portion):
     rng = np.random.default_rng(num_classes * 100 + stride)
@@ -299,7 +312,8 @@ def test_strided_histogram_torch_equals_numpy(device):
     conf[0, :3] = -0.0
     for stride in (1, 3, 4):
         expected = confidence_histogram(conf, argmax, stride=stride)
-        got = confidence_histogram(torch.from_numpy(conf).to(device), torch.from_numpy(argmax).to(device), stride=stride)
+        conf_t, argmax_t = torch.from_numpy(conf).to(device), torch.from_numpy(argmax).to(device)
+        got = confidence_histogram(conf_t, argmax_t, stride=stride)
         np.testing.assert_array_equal(got, expected)
     assert expected.shape == (19, NUM_CODES) and CODE_VALUES[-1] == 1.0
     assert confidence_histogram(conf, argmax)[argmax[0, 0], 0] >= 1  # -0.0 counted as 0.0

@@ -1,0 +1,33 @@
+"""What every job entry point does the same way: parse a config, join or start Ray."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Jobs run as scripts (`python jobs/x.py`, also under `ray job submit`): make the
+# repository importable without an install.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline import config  # noqa: E402
+
+
+def parse_config(cls, doc: str, argv: list[str] | None):
+    """``--config FILE`` plus ``key.sub=value`` overrides -> a validated ``cls``; exits 2 on errors."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file (local path or s3://)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied on top of the file")
+    args = parser.parse_args(argv)
+    try:
+        return config.load(cls, args.config, args.overrides)
+    except config.ConfigError as err:
+        parser.exit(2, f"config error: {err}\n")
+
+
+def init_ray() -> None:
+    """Join the cluster of `ray job submit` / RAY_ADDRESS, or start a local instance."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
