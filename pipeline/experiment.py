@@ -1,0 +1,192 @@
+"""The experiment configuration: one YAML file describes a whole IAST reproduction.
+
+Warm-up (source-only, optionally adversarial) -> self-training rounds 1..R -> final
+(multi-scale) evaluation, plus an optional oracle. This module turns it into the
+configurations of the individual stages (pipeline.train.TrainConfig,
+pipeline.pseudo_label.PseudoLabelConfig) and says where every output lives.
+
+Layout under ``output`` (a local folder or s3:// prefix)::
+
+    stages/<stage>.json            completion record of a finished stage (checkpoint, metrics)
+    train/<stage>/...              Ray Train storage of a training stage (checkpoints)
+    labels/round_<r>/...           label store of round r
+    config.yaml                    the resolved configuration
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline import storage
+from pipeline.data.datasets import DataConfig
+from pipeline.labels import NUM_CLASSES
+from pipeline.pseudo_label import PseudoLabelConfig, SelectorConfig
+from pipeline.train import TrainConfig
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "deeplabv2_resnet101"
+    imagenet_backbone: str | None = None  # torchvision resnet101-*.pth, for source-only from scratch
+    init: str | None = None  # start the warm-up (or round 1) from this checkpoint instead
+    init_format: Literal["ours", "iast"] = "ours"
+
+
+@dataclass
+class DataSection:
+    source: DataConfig
+    target: DataConfig  # unlabelled target train split
+    val: DataConfig  # labelled target val split
+
+
+@dataclass
+class ComputeConfig:
+    """How the work is spread over the Ray cluster."""
+
+    num_workers: int = 1  # training workers (DDP)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    loader_workers: int = 2  # DataLoader processes per training worker
+    amp: bool = True
+    label_workers: int = 1  # pseudo-labelling actors, one model each
+    gpus_per_label_worker: float = 0.0
+    cpus_per_label_worker: float = 1.0
+    eval_workers: int = 1  # final evaluation tasks
+
+
+@dataclass
+class StageConfig:
+    """A warm-up or oracle training stage; iterations 0 skips it."""
+
+    iterations: int = 0
+    lr: float = 1e-4
+    batch_size: int = 8
+    batchnorm: Literal["train", "frozen_affine", "frozen"] = "train"
+    adversarial_weight: float = 0.05  # adversarial stage only
+    discriminator_lr: float = 2e-5
+    checkpoint_every: int = 1000
+
+
+@dataclass
+class RoundConfig:
+    alpha: float  # IAS selection proportion of this round
+    lr: float
+    pseudo_label_size: tuple[int, int]  # (width, height)
+
+
+@dataclass
+class SelfTrainingConfig:
+    rounds: list[RoundConfig]
+    iterations: int  # per round
+    batch_size: int = 8
+    batchnorm: Literal["train", "frozen_affine", "frozen"] = "train"
+    selector: Literal["ias", "cbst", "constant"] = "ias"
+    beta: float = 0.9
+    gamma: float = 8.0
+    instance_size: int = 1
+    cbst_portion: float = 0.2
+    constant_threshold: float = 0.9
+    confident_weight: float = 0.1
+    ignored_weight: float = 3.0
+    # Round r's weights come from round r-1's final checkpoint (round 1: the warm-up). The
+    # released code labels round r+1 with an earlier checkpoint of round r; here both
+    # choices are explicit and logged.
+    init_from: Literal["previous_round", "warmup"] = "previous_round"
+    generator_from: Literal["previous_round", "warmup"] = "previous_round"
+    label_test_sizes: tuple[tuple[int, int], ...] = ()  # multi-scale pseudo-labelling; () = single
+    label_flip: bool = False
+    checkpoint_every: int = 1000
+
+
+@dataclass
+class EvalConfig:
+    sizes: tuple[tuple[int, int], ...] = ()  # final multi-scale evaluation; () = label size
+    flip: bool = False
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    output: str
+    data: DataSection
+    self_training: SelfTrainingConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    source_only: StageConfig = field(default_factory=StageConfig)
+    adversarial: StageConfig = field(default_factory=StageConfig)
+    oracle: StageConfig = field(default_factory=StageConfig)
+    final_eval: EvalConfig = field(default_factory=EvalConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    tracking_uri: str | None = None  # default: sqlite under output (local output only)
+    num_classes: int = NUM_CLASSES
+    crop_size: tuple[int, int] = (1024, 512)  # (width, height)
+    source_crop_heights: tuple[int, int] = (341, 950)
+    target_crop_heights: tuple[int, int] = (341, 1000)
+    eval_size: tuple[int, int] | None = None  # validation size after each stage; None: label size
+    seed: int = 888
+
+    def __post_init__(self):
+        storage.check_uri(self.output)
+        if not self.self_training.rounds:
+            raise ValueError("self_training.rounds is empty: give at least one round")
+
+    # -- where things live ------------------------------------------------------------
+    def stage_record(self, stage: str) -> str:
+        return storage.join(self.output, "stages", f"{stage}.json")
+
+    def label_store(self, round_index: int) -> str:
+        return storage.join(self.output, "labels", f"round_{round_index}")
+
+    @property
+    def train_storage(self) -> str:
+        return storage.join(self.output, "train")
+
+    # -- stage configurations -------------------------------------------------------------
+    def _train(self, stage: str, name: str, iterations: int, lr: float, batch_size: int, batchnorm: str,
+               checkpoint_every: int, **kw) -> TrainConfig:
+        c = self.compute
+        return TrainConfig(
+            stage=stage, name=name, storage=self.train_storage, iterations=iterations, lr=lr,
+            arch=self.model.arch, num_classes=self.num_classes, batch_size=batch_size, batchnorm=batchnorm,
+            crop_size=self.crop_size, source_crop_heights=self.source_crop_heights,
+            target_crop_heights=self.target_crop_heights, checkpoint_every=checkpoint_every,
+            num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
+            loader_workers=c.loader_workers, amp=c.amp, seed=self.seed, val=self.data.val,
+            eval_size=self.eval_size, **kw,
+        )
+
+    def warmup_config(self, stage: Literal["source_only", "adversarial", "oracle"], init: str | None) -> TrainConfig:
+        s: StageConfig = getattr(self, stage)
+        weights = {"init": init, "init_format": "ours"} if init else {
+            "init": self.model.init, "init_format": self.model.init_format,
+            "imagenet_backbone": self.model.imagenet_backbone,
+        }
+        return self._train(
+            stage, stage, s.iterations, s.lr, s.batch_size, s.batchnorm, s.checkpoint_every,
+            source=self.data.source if stage != "oracle" else None,
+            target=self.data.target if stage != "source_only" else None,
+            adversarial_weight=s.adversarial_weight, discriminator_lr=s.discriminator_lr, **weights,
+        )
+
+    def round_train_config(self, round_index: int, init: str) -> TrainConfig:
+        st, r = self.self_training, self.self_training.rounds[round_index - 1]
+        return self._train(
+            "self_training", f"round_{round_index}", st.iterations, r.lr, st.batch_size, st.batchnorm,
+            st.checkpoint_every, init=init, label_store=self.label_store(round_index),
+            confident_weight=st.confident_weight, ignored_weight=st.ignored_weight,
+        )
+
+    def round_label_config(self, round_index: int, generator: str) -> PseudoLabelConfig:
+        st, r = self.self_training, self.self_training.rounds[round_index - 1]
+        c = self.compute
+        return PseudoLabelConfig(
+            target=self.data.target, store=self.label_store(round_index), checkpoint=generator,
+            arch=self.model.arch, num_classes=self.num_classes, size=r.pseudo_label_size,
+            test_sizes=st.label_test_sizes, flip=st.label_flip,
+            selector=SelectorConfig(
+                name=st.selector, alpha=r.alpha, beta=st.beta, gamma=st.gamma, instance_size=st.instance_size,
+                portion=st.cbst_portion, threshold=st.constant_threshold,
+            ),
+            num_workers=c.label_workers, gpus_per_worker=c.gpus_per_label_worker,
+            cpus_per_worker=c.cpus_per_label_worker, round=round_index,
+        )

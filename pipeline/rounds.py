@@ -1,0 +1,172 @@
+"""The IAST chain: warm-up -> self-training rounds -> final evaluation, idempotent.
+
+Every stage ends by writing a completion record (``stages/<stage>.json`` under the
+experiment's output): its checkpoint URI, validation metrics and lineage. A stage with a
+record is never run again; a stage without one resumes from what it left: the label
+store keeps its finished parts (or is reused whole), Ray Train resumes from the run's
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+from pipeline import config as config_lib
+from pipeline import pseudo_label, storage, train
+from pipeline.data.datasets import Sample, load_image, load_label
+from pipeline.data.transforms import normalize
+from pipeline.evaluation import ConfusionMatrix, predict_probs
+from pipeline.experiment import ExperimentConfig
+from pipeline.models import build_model, load_checkpoint
+from pipeline.tracking import ExperimentTracker
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    checkpoint: str
+    metrics: dict = field(default_factory=dict)  # val/... (and pseudo/... for rounds)
+    lineage: dict = field(default_factory=dict)  # where its weights and labels came from
+
+
+def read_record(cfg: ExperimentConfig, stage: str) -> StageRecord | None:
+    uri = cfg.stage_record(stage)
+    if not storage.exists(uri):
+        return None
+    return StageRecord(**json.loads(storage.read_bytes(uri)))
+
+
+def _write_record(cfg: ExperimentConfig, record: StageRecord) -> StageRecord:
+    storage.write_bytes(cfg.stage_record(record.stage), json.dumps(record.__dict__, indent=2).encode())
+    return record
+
+
+def _val_metrics(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k.startswith("val/") and v is not None}
+
+
+# -- stages ---------------------------------------------------------------------------------
+
+
+def run_training_stage(cfg: ExperimentConfig, stage: str, tracker: ExperimentTracker, init: str | None) -> StageRecord:
+    """source_only, adversarial or oracle (idempotent)."""
+    record = read_record(cfg, stage)
+    if record is not None:
+        return record
+    train_cfg = cfg.warmup_config(stage, init)
+    run_id = tracker.stage_run(stage, params=config_lib.to_dict(train_cfg))
+    result = train.fit(train_cfg, tracking=tracker.target(run_id))
+    metrics = _val_metrics(result.metrics)
+    tracker.finish_stage(run_id, metrics, checkpoint=result.checkpoint)
+    return _write_record(cfg, StageRecord(stage, result.checkpoint, metrics, {"init": init or cfg.model.init}))
+
+
+def run_warmup(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRecord:
+    """Source-only, then the adversarial warm-up where configured; returns the warm-up's record."""
+    warmup = None
+    if cfg.source_only.iterations > 0:
+        warmup = run_training_stage(cfg, "source_only", tracker, init=None)
+    if cfg.adversarial.iterations > 0:
+        start = warmup.checkpoint if warmup else cfg.model.init
+        if start is None:
+            raise ValueError("the adversarial warm-up needs a source-only model: set source_only.iterations "
+                             "or model.init")
+        warmup = run_training_stage(cfg, "adversarial", tracker, init=start)
+    if warmup is None:
+        if cfg.model.init is None:
+            raise ValueError("no warm-up configured: set source_only.iterations, or model.init to a warm-up checkpoint")
+        warmup = StageRecord("warmup", cfg.model.init, {}, {"given": cfg.model.init})
+    return warmup
+
+
+def run_round(cfg: ExperimentConfig, round_index: int, tracker: ExperimentTracker) -> StageRecord:
+    """One IAST round: pseudo-labels (Ray Data) -> self-training (Ray Train) -> validation."""
+    if not 1 <= round_index <= len(cfg.self_training.rounds):
+        raise ValueError(f"round {round_index} is not configured (self_training.rounds has "
+                         f"{len(cfg.self_training.rounds)})")
+    stage = f"round_{round_index}"
+    record = read_record(cfg, stage)
+    if record is not None:
+        return record
+    warmup = run_warmup(cfg, tracker)
+    previous = warmup if round_index == 1 else run_round(cfg, round_index - 1, tracker)
+    st = cfg.self_training
+    generator = previous.checkpoint if st.generator_from == "previous_round" else warmup.checkpoint
+    init = previous.checkpoint if st.init_from == "previous_round" else warmup.checkpoint
+
+    label_cfg = cfg.round_label_config(round_index, generator)
+    train_cfg = cfg.round_train_config(round_index, init)
+    lineage = {"generator": generator, "generator_from": st.generator_from, "init": init,
+               "init_from": st.init_from, "label_store": label_cfg.store}
+    run_id = tracker.stage_run(stage, params={
+        "round": round_index, "labels": config_lib.to_dict(label_cfg), "train": config_lib.to_dict(train_cfg),
+        "lineage": lineage,
+    })
+    manifest = pseudo_label.run(label_cfg)
+    tracker.log_pseudo_labels(run_id, manifest)
+    result = train.fit(train_cfg, tracking=tracker.target(run_id))
+    metrics = _val_metrics(result.metrics)
+    stats = manifest["statistics"]
+    metrics.update({"pseudo/coverage": stats["coverage_all"], "pseudo/precision": stats["precision_all"]})
+    tracker.finish_stage(run_id, _val_metrics(result.metrics), checkpoint=result.checkpoint)
+    return _write_record(cfg, StageRecord(stage, result.checkpoint, metrics, lineage))
+
+
+@ray.remote
+def _evaluate_shard(arch: str, num_classes: int, checkpoint: str, samples: list[Sample],
+                    sizes: tuple, flip: bool) -> np.ndarray:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(arch, num_classes)
+    load_checkpoint(model, checkpoint)
+    model.to(device).eval()
+    cm = ConfusionMatrix(num_classes)
+    for sample in samples:
+        label = load_label(sample.label)
+        x = normalize(torch.from_numpy(load_image(sample.image))[None].to(device))
+        probs = predict_probs(model, x, sizes=list(sizes) or None, flip=flip, output_size=label.shape[::-1])
+        cm.update(probs.argmax(1)[0], label)
+    return cm.matrix
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> ConfusionMatrix:
+    """Multi-scale (+ flip) evaluation of a checkpoint on the val set, sharded over Ray tasks."""
+    samples = cfg.data.val.samples()
+    c = cfg.compute
+    shards = [samples[i::c.eval_workers] for i in range(c.eval_workers)]
+    task = _evaluate_shard.options(num_gpus=1 if c.use_gpu else 0, num_cpus=c.cpus_per_worker)
+    refs = [task.remote(cfg.model.arch, cfg.num_classes, checkpoint, shard, cfg.final_eval.sizes, cfg.final_eval.flip)
+            for shard in shards if shard]
+    return ConfusionMatrix(cfg.num_classes, sum(ray.get(refs)))
+
+
+def run_final_eval(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRecord:
+    record = read_record(cfg, "final_eval")
+    if record is not None:
+        return record
+    last = run_round(cfg, len(cfg.self_training.rounds), tracker)
+    run_id = tracker.stage_run("final_eval", params={"checkpoint": last.checkpoint,
+                                                      "sizes": list(cfg.final_eval.sizes), "flip": cfg.final_eval.flip})
+    cm = evaluate_checkpoint(cfg, last.checkpoint)
+    print(cm.table(), flush=True)
+    metrics = {f"val/{k}": v for k, v in cm.summary().items()}
+    tracker.finish_stage(run_id, metrics, checkpoint=last.checkpoint)
+    return _write_record(cfg, StageRecord("final_eval", last.checkpoint, metrics, {"evaluated": last.stage}))
+
+
+def run_experiment(cfg: ExperimentConfig, tracker: ExperimentTracker) -> list[StageRecord]:
+    """The whole chain; returns the records in order (warm-up stages, rounds, final, oracle)."""
+    records = []
+    for stage in ("source_only", "adversarial"):
+        if getattr(cfg, stage).iterations > 0:
+            records.append(run_warmup(cfg, tracker) and read_record(cfg, stage))
+    for r in range(1, len(cfg.self_training.rounds) + 1):
+        records.append(run_round(cfg, r, tracker))
+    records.append(run_final_eval(cfg, tracker))
+    if cfg.oracle.iterations > 0:
+        records.append(run_training_stage(cfg, "oracle", tracker, init=None))
+    return records
