@@ -66,22 +66,28 @@ def run_training_stage(cfg: ExperimentConfig, stage: str, tracker: ExperimentTra
     return _write_record(cfg, StageRecord(stage, result.checkpoint, metrics, {"init": init or cfg.model.init}))
 
 
-def run_warmup(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRecord:
-    """Source-only, then the adversarial warm-up where configured; returns the warm-up's record."""
-    warmup = None
+def warmup_record(cfg: ExperimentConfig) -> StageRecord | None:
+    """The record of the last warm-up stage (or of ``model.init`` when no warm-up is configured)."""
+    for stage in ("adversarial", "source_only"):
+        if getattr(cfg, stage).iterations > 0:
+            return read_record(cfg, stage)
+    if cfg.model.init is None:
+        raise ValueError("no warm-up configured: set source_only.iterations, or model.init to a warm-up checkpoint")
+    return StageRecord("warmup", cfg.model.init, {}, {"given": cfg.model.init})
+
+
+def run_warmup(cfg: ExperimentConfig, tracker: ExperimentTracker) -> list[StageRecord]:
+    """Source-only, then the adversarial warm-up, as configured (each skipped when finished)."""
+    records = []
     if cfg.source_only.iterations > 0:
-        warmup = run_training_stage(cfg, "source_only", tracker, init=None)
+        records.append(run_training_stage(cfg, "source_only", tracker, init=None))
     if cfg.adversarial.iterations > 0:
-        start = warmup.checkpoint if warmup else cfg.model.init
+        start = records[-1].checkpoint if records else cfg.model.init
         if start is None:
             raise ValueError("the adversarial warm-up needs a source-only model: set source_only.iterations "
                              "or model.init")
-        warmup = run_training_stage(cfg, "adversarial", tracker, init=start)
-    if warmup is None:
-        if cfg.model.init is None:
-            raise ValueError("no warm-up configured: set source_only.iterations, or model.init to a warm-up checkpoint")
-        warmup = StageRecord("warmup", cfg.model.init, {}, {"given": cfg.model.init})
-    return warmup
+        records.append(run_training_stage(cfg, "adversarial", tracker, init=start))
+    return records
 
 
 def run_round(cfg: ExperimentConfig, round_index: int, tracker: ExperimentTracker) -> StageRecord:
@@ -93,8 +99,14 @@ def run_round(cfg: ExperimentConfig, round_index: int, tracker: ExperimentTracke
     record = read_record(cfg, stage)
     if record is not None:
         return record
-    warmup = run_warmup(cfg, tracker)
-    previous = warmup if round_index == 1 else run_round(cfg, round_index - 1, tracker)
+    warmup = warmup_record(cfg)
+    previous = warmup if round_index == 1 else read_record(cfg, f"round_{round_index - 1}")
+    if previous is None:
+        needed = "the warm-up" if round_index == 1 else f"round {round_index - 1}"
+        raise RuntimeError(
+            f"round {round_index} starts from {needed}, which has not finished: run the stages in order "
+            "with jobs/run_experiment.py (finished stages are skipped)"
+        )
     st = cfg.self_training
     generator = previous.checkpoint if st.generator_from == "previous_round" else warmup.checkpoint
     init = previous.checkpoint if st.init_from == "previous_round" else warmup.checkpoint
@@ -148,7 +160,9 @@ def run_final_eval(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRe
     record = read_record(cfg, "final_eval")
     if record is not None:
         return record
-    last = run_round(cfg, len(cfg.self_training.rounds), tracker)
+    last = read_record(cfg, f"round_{len(cfg.self_training.rounds)}")
+    if last is None:
+        raise RuntimeError("the final evaluation needs the last round to be finished: run jobs/run_experiment.py")
     run_id = tracker.stage_run("final_eval", params={"checkpoint": last.checkpoint,
                                                       "sizes": list(cfg.final_eval.sizes), "flip": cfg.final_eval.flip})
     cm = evaluate_checkpoint(cfg, last.checkpoint)
@@ -159,11 +173,9 @@ def run_final_eval(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRe
 
 
 def run_experiment(cfg: ExperimentConfig, tracker: ExperimentTracker) -> list[StageRecord]:
-    """The whole chain; returns the records in order (warm-up stages, rounds, final, oracle)."""
-    records = []
-    for stage in ("source_only", "adversarial"):
-        if getattr(cfg, stage).iterations > 0:
-            records.append(run_warmup(cfg, tracker) and read_record(cfg, stage))
+    """The whole chain in order; finished stages are skipped. Returns the records in order
+    (warm-up stages, rounds, final evaluation, oracle)."""
+    records = run_warmup(cfg, tracker)
     for r in range(1, len(cfg.self_training.rounds) + 1):
         records.append(run_round(cfg, r, tracker))
     records.append(run_final_eval(cfg, tracker))

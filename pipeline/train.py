@@ -396,6 +396,7 @@ def train_loop(loop_config: dict) -> None:
         if on_step is not None:
             on_step(step, distributed.unwrap(model))
         is_last = step == cfg.iterations
+        metrics = None
         if step % cfg.log_every == 0 or is_last:
             n = sums.pop("_n")
             metrics = {f"train/{k}": v / n for k, v in sums.items()}
@@ -408,10 +409,12 @@ def train_loop(loop_config: dict) -> None:
                       f"lr {metrics['train/lr']:.2e} {metrics['train/steps_per_s']:.2f} it/s "
                       f"data wait {100 * metrics['train/data_wait_fraction']:.1f}% eta {eta:.0f}s", flush=True)
             sums, wait, busy, t_log = {}, 0.0, 0.0, time.perf_counter()
-        else:
-            metrics = None
-        if step % cfg.checkpoint_every == 0 and not is_last:
+        if is_last:
+            break  # the final report comes after validation
+        if step % cfg.checkpoint_every == 0:
             _save(cfg, step, model, optimizer, scheduler, extra_modules, metrics or {})
+        elif metrics is not None:  # every worker reports as often (Ray Train requires it)
+            ray.train.report({"step": step, **metrics})
 
     final_metrics = dict(metrics or {}) if start < cfg.iterations else {}
     if cfg.val is not None:
@@ -431,8 +434,13 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
-def fit(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
-    """Run (or resume) one training stage on the current Ray cluster."""
+def fit(
+    cfg: TrainConfig,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    callbacks: list[ray.train.UserCallback] = (),
+) -> TrainResult:
+    """Run (or resume) one training stage on the current Ray cluster. ``callbacks`` see
+    every report on the driver side (e.g. pipeline.tracking's MLflow logger)."""
     check_config(cfg)
     fs, root = storage.arrow_filesystem(cfg.storage)
     resources = {"CPU": cfg.cpus_per_worker}
@@ -448,6 +456,7 @@ def fit(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()

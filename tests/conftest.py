@@ -7,10 +7,11 @@ import shutil
 import tempfile
 
 import pytest
+from s3_server import s3_server  # noqa: F401  (a session fixture: a moto S3 server on loopback)
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
     """A local Ray instance for the whole session (ray.init costs seconds; start it once).
 
     Four logical CPUs on a 2-core machine: Ray Data's read tasks need CPU slots beside
@@ -20,7 +21,9 @@ def ray_cluster():
 
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     os.environ["RAY_TMPDIR"] = tmp
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    # Environment set after ray.init does not reach Ray's workers: hand them the test S3 server.
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
+             runtime_env={"env_vars": s3_server.env})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

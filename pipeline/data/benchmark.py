@@ -151,9 +151,7 @@ TARGET = Domain(
     blur=0.7, noise=0.03, vignette=0.35, jpeg_quality=40,
 )
 
-DOMAINS = {"source": SOURCE, "target": TARGET}
-
-# Texture weight per label id: vegetation and terrain are grainy, sky and glass smooth.
+# Texture weight per label id: vegetation and terrain are grainy, the sky smooth.
 _TEXTURE = np.full(256, 0.6, dtype=np.float32)
 for _id, _w in ((ROAD, 1.0), (SIDEWALK, 0.8), (BUILDING, 1.0), (WALL, 1.2), (VEGETATION, 2.5),
                 (TERRAIN, 2.0), (SKY, 0.15)):

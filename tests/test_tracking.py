@@ -1,0 +1,242 @@
+"""MLflow tracking: run structure and re-use, params, metric names, artifacts, comparison."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from PIL import Image
+
+from pipeline import tracking
+from pipeline.evaluation import ConfusionMatrix
+from pipeline.labels import CLASS_NAMES, NUM_CLASSES
+from pipeline.pseudo_label import selection_statistics
+from pipeline.tracking import ExperimentTracker, comparison_table, default_tracking_uri
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module (creating one costs seconds); tests use their own experiments."""
+    out = tmp_path_factory.mktemp("outputs")
+    return {"out": out, "uri": default_tracking_uri(str(out))}
+
+
+def documented_metric_names() -> set[str]:
+    names = set(re.findall(r"``((?:val|pseudo|train)/[^`]+)``", tracking.__doc__))
+    expanded = {n.replace("<class>", c) for n in names for c in CLASS_NAMES}
+    return expanded
+
+
+def summary_of_random_predictions() -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, NUM_CLASSES, (32, 32))
+    target[target == CLASS_NAMES.index("train")] = 0  # absent class: undefined IoU
+    pred = np.where(rng.random(target.shape) < 0.7, target, rng.integers(0, NUM_CLASSES - 3, target.shape))
+    cm = ConfusionMatrix()
+    cm.update(pred, target)
+    return cm.summary()
+
+
+def manifest_with_statistics(previews: list[str]) -> dict:
+    k = NUM_CLASSES
+    pixels = np.full(k, 100, np.int64)
+    pixels[5] = 0  # a class never predicted: coverage undefined
+    kept = pixels // 2
+    totals = {"class_pixels": pixels, "class_kept": kept, "class_correct": kept * 9 // 10, "class_judged": kept}
+    return {
+        "round": 2,
+        "generator": {"checkpoint": "s3://alice:hunter2@bucket/round_1/checkpoint.pt", "sha256": "ab" * 32,
+                      "arch": "deeplabv2_resnet101"},
+        "selector": {"name": "ias", "alpha": 0.2, "beta": 0.9, "gamma": 8.0, "instance_size": 1},
+        "num_images": 10,
+        "statistics": selection_statistics(totals, np.linspace(0.5, 0.95, k)),
+        "previews": previews,
+    }
+
+
+def test_default_tracking_uri(tmp_path):
+    assert default_tracking_uri(str(tmp_path / "out")) == f"sqlite:///{tmp_path}/out/mlflow.db"
+    with pytest.raises(ValueError, match="not local"):
+        default_tracking_uri("s3://bucket/outputs")
+
+
+def test_scrubbing():
+    params = tracking.scrub_params({
+        "aws_access_key_id": "AKIA", "s3.secret_access_key": "x", "hf_token": "t", "db.password": "p",
+        "api-key": "k", "monkey": "fine", "tokenizer": "fine", "checkpoint": "http://bob:pw@host:5000/x",
+    })
+    assert params == {
+        "aws_access_key_id": "***", "s3.secret_access_key": "***", "hf_token": "***", "db.password": "***",
+        "api-key": "***", "monkey": "fine", "tokenizer": "fine", "checkpoint": "http://host:5000/x",
+    }
+    assert tracking.scrub_uri("from s3://u:p@b/k and s3://b/k2") == "from s3://b/k and s3://b/k2"
+
+
+def test_parent_and_stage_runs_are_reused_on_resume(store):
+    stages = ["source_only", "adversarial", "round_1", "round_2", "final_eval", "oracle"]
+    first = ExperimentTracker(store["uri"], "resume")
+    ids = {stage: first.stage_run(stage) for stage in stages}
+    first.finish(ids["round_1"])
+    first.finish(ids["round_2"], "FAILED")
+
+    again = ExperimentTracker(store["uri"], "resume")  # the pipeline re-run: same names
+    assert again.parent_run_id == first.parent_run_id
+    assert {stage: again.stage_run(stage) for stage in stages} == ids
+    other = ExperimentTracker(store["uri"], "resume", run_name="resume-seed2")
+    assert other.parent_run_id != first.parent_run_id
+
+    client = MlflowClient(store["uri"])
+    runs = client.search_runs([first.experiment_id])
+    assert len(runs) == len(stages) + 2  # two parents, no duplicate stage runs
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.parent_run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(stages)
+    tags = {r.info.run_name: r.data.tags for r in children}
+    assert tags["round_2"]["stage"] == "round_2" and tags["round_2"]["round"] == "2"
+    assert tags["source_only"]["round"] == "0" and "round" not in tags["final_eval"]
+    round_2 = client.get_run(ids["round_2"])  # re-opened by the re-run after failing
+    assert round_2.info.status == "RUNNING" and round_2.data.tags["status"] == "running"
+    again.finish(ids["round_2"])
+    round_2 = client.get_run(ids["round_2"])
+    assert round_2.info.status == "FINISHED" and round_2.data.tags["status"] == "finished"
+    with pytest.raises(ValueError, match="round_<r>"):
+        again.stage_run("round_0")
+
+
+def test_params_flattened_scrubbed_truncated_in_batches(store, tmp_path):
+    tracker = ExperimentTracker(store["uri"], "params")
+    run = tracker.stage_run("round_1")
+    config = {
+        "train": {"lr": 2.5e-5, "crop_size": [1024, 512], "storage": "s3://ak:sk@bucket/runs"},
+        "aws": {"secret_access_key": "hunter2"},
+        "notes": "x" * (MAX_PARAM_VAL_LENGTH + 10),
+        "many": {f"k{i:03d}": i for i in range(150)},  # more than one batch of 100
+    }
+    tracker.log_config(run, config)
+    tracker.log_config(run, config)  # a resumed run logs the same params again: fine
+    params = MlflowClient(store["uri"]).get_run(run).data.params
+    assert params["train.lr"] == "2.5e-05"
+    assert params["train.crop_size"] == "[1024, 512]"
+    assert params["train.storage"] == "s3://bucket/runs"
+    assert params["aws.secret_access_key"] == "***"
+    assert params["notes"] == "x" * MAX_PARAM_VAL_LENGTH
+    assert params["many.k149"] == "149" and len(params) == 155
+
+    with open(MlflowClient(store["uri"]).download_artifacts(run, "config.yaml", str(tmp_path))) as f:
+        text = f.read()
+    assert "lr: 2.5e-05" in text and "hunter2" not in text and "ak:sk" not in text
+
+    with pytest.raises(ValueError, match=r"train\.lr: '2\.5e-05' -> '0\.001'"):
+        tracker.log_config(run, {**config, "train": {**config["train"], "lr": 1e-3}})
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str) -> list[str]:
+    return sorted(os.path.basename(f.path) for f in client.list_artifacts(run_id, path))
+
+
+def test_validation_metrics_have_the_documented_names_and_a_chart(store, tmp_path):
+    tracker = ExperimentTracker(store["uri"], "validation")
+    run = tracker.stage_run("round_1")
+    summary = summary_of_random_predictions()
+    tracker.log_validation(run, summary, step=40)
+    client = MlflowClient(store["uri"])
+    metrics = client.get_run(run).data.metrics
+    assert set(metrics) <= documented_metric_names()
+    assert metrics["val/mIoU-19"] == pytest.approx(summary["mIoU-19"])
+    assert metrics["val/IoU/traffic light"] == pytest.approx(summary["IoU/traffic light"])
+    assert "val/IoU/train" not in metrics  # NaN: undefined, not logged
+    assert {"val/mIoU-16", "val/mIoU-13", "val/pixel_accuracy"} <= set(metrics)
+    assert client.get_metric_history(run, "val/mIoU-19")[0].step == 40
+
+    assert _artifacts(client, run, "charts") == ["val_iou.png"]
+    chart = client.download_artifacts(run, "charts/val_iou.png", str(tmp_path))
+    image = np.asarray(Image.open(chart).convert("RGB"))
+    assert image.shape[0] > 300 and len(np.unique(image.reshape(-1, 3), axis=0)) > 19  # bars in class colours
+
+    with pytest.raises(ValueError, match="not validation metrics: train/loss"):
+        tracker.log_validation(run, {"train/loss": 1.0})
+
+
+def test_training_reports(store):
+    tracker = ExperimentTracker(store["uri"], "training")
+    run = tracker.stage_run("adversarial")
+    callback = tracker.report_callback(run)
+    rank0 = {"step": 50, "train/loss": 1.5, "train/seg": 1.2, "train/adversarial": 0.3, "train/discriminator": 0.7,
+             "train/lr": 2.5e-4, "train/data_wait_fraction": 0.1, "train/steps_per_s": 2.0}
+    rank1 = {**rank0, "train/loss": 99.0}
+    callback.after_report(None, [rank0, rank1], None)  # what Ray Train's controller calls
+    callback.after_report(None, [{**rank0, "step": 100, "train/loss": 1.1}, rank1], None)
+    tracker.log_metrics(run, {"step": 100, "train/confident_reg": 0.2, "train/ignored_reg": None})
+
+    client = MlflowClient(store["uri"])
+    metrics = client.get_run(run).data.metrics
+    assert set(metrics) <= documented_metric_names()
+    assert "train/ignored_reg" not in metrics and "step" not in metrics
+    history = [(m.step, m.value) for m in client.get_metric_history(run, "train/loss")]
+    assert sorted(history) == [(50, 1.5), (100, 1.1)]  # rank 0's values at the reported steps
+
+
+def test_pseudo_label_statistics_lineage_and_previews(store, tmp_path):
+    previews = []
+    for i in range(2):
+        path = tmp_path / f"{i:05d}_frame{i}.png"
+        Image.fromarray(np.full((8, 16, 3), 40 * i, np.uint8)).save(path)
+        previews.append(str(path))
+    manifest = manifest_with_statistics(previews)
+    tracker = ExperimentTracker(store["uri"], "pseudo")
+    run = tracker.stage_run("round_2")
+    tracker.log_pseudo_labels(run, manifest, images_per_s=12.5)
+
+    client = MlflowClient(store["uri"])
+    data = client.get_run(run).data
+    assert set(data.metrics) <= documented_metric_names()
+    assert data.metrics["pseudo/coverage"] == pytest.approx(0.5)
+    assert data.metrics["pseudo/precision"] == pytest.approx(manifest["statistics"]["precision_all"])
+    assert data.metrics["pseudo/images_per_s"] == 12.5 and data.metrics["pseudo/num_images"] == 10
+    assert data.metrics["pseudo/coverage/road"] == pytest.approx(0.5)
+    assert data.metrics["pseudo/precision/traffic light"] == pytest.approx(0.9, abs=0.02)
+    assert data.metrics["pseudo/threshold/bicycle"] == pytest.approx(0.95)
+    assert "pseudo/coverage/pole" not in data.metrics and "pseudo/precision/pole" not in data.metrics  # None
+    assert data.params["generator.checkpoint"] == "s3://bucket/round_1/checkpoint.pt"
+    assert data.params["generator.round"] == "1" and data.params["pseudo.round"] == "2"
+    assert data.params["pseudo.selector.alpha"] == "0.2" and data.params["pseudo.selector.name"] == "ias"
+    assert _artifacts(client, run, "previews") == ["00000_frame0.png", "00001_frame1.png"]
+
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        tracker.log_files(run, [str(tmp_path / "missing.png")], "previews")
+
+
+def test_comparison_table_reads_the_runs_from_mlflow(store, capsys):
+    tracker = ExperimentTracker(store["uri"], "compare")
+    ids = {}
+    for i, stage in enumerate(["oracle", "round_2", "source_only", "final_eval", "round_10", "round_1"]):
+        run = ids[stage] = tracker.stage_run(stage, params={"train": {"seed": i}})  # out of order: table sorts
+        metrics = {"val/mIoU-19": 0.3 + i / 100}
+        if stage.startswith("round_"):
+            metrics.update({"pseudo/coverage": 0.6, "pseudo/precision": 0.875})
+        tracker.finish_stage(run, metrics, checkpoint=f"s3://bucket/{stage}/checkpoint.pt")
+
+    table = comparison_table(store["uri"], "compare")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "stage" not in line]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [c[0] for c in cells] == ["source_only", "round_1", "round_2", "round_10", "final_eval", "oracle"]
+    assert cells[0] == ["source_only", "32.00", "-", "-", "s3://bucket/source_only/checkpoint.pt"]
+    assert cells[1] == ["round_1", "35.00", "60.00", "87.50", "s3://bucket/round_1/checkpoint.pt"]
+
+    client = MlflowClient(store["uri"])
+    assert client.get_run(ids["round_1"]).data.params["train.seed"] == "5"
+    assert _artifacts(client, ids["round_1"], "charts") == ["val_iou.png"]
+
+    import compare_rounds
+
+    compare_rounds.main(["--tracking-uri", store["uri"], "--experiment", "compare"])
+    assert capsys.readouterr().out.strip() == table
+    with pytest.raises(SystemExit):
+        compare_rounds.main(["--tracking-uri", store["uri"], "--experiment", "nope"])
+    assert "no MLflow experiment 'nope'" in capsys.readouterr().err
