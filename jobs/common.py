@@ -31,3 +31,19 @@ def init_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
+
+
+def experiment_tracker(cfg):
+    """The MLflow tracker of an experiment; the resolved config is logged on its parent run."""
+    from pipeline import storage
+    from pipeline.tracking import ExperimentTracker, default_tracking_uri
+
+    uri = cfg.tracking_uri
+    if uri is None:
+        if storage.scheme(cfg.output) != "file":
+            raise SystemExit("config error: set tracking_uri (an MLflow server or sqlite:///local/path.db) "
+                             "when output is not a local folder")
+        uri = default_tracking_uri(cfg.output)
+    tracker = ExperimentTracker(uri, cfg.name)
+    tracker.log_config(tracker.parent_run_id, config.to_dict(cfg))
+    return tracker

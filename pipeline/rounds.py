@@ -10,6 +10,8 @@ last checkpoint.
 from __future__ import annotations
 
 import json
+import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,10 +49,21 @@ def _write_record(cfg: ExperimentConfig, record: StageRecord) -> StageRecord:
 
 
 def _val_metrics(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k.startswith("val/") and v is not None}
+    """Validation metrics that are defined (NaN: a class absent from prediction and truth)."""
+    return {k: v for k, v in metrics.items() if k.startswith("val/") and v is not None and math.isfinite(v)}
 
 
 # -- stages ---------------------------------------------------------------------------------
+
+
+def _train_tracked(cfg: ExperimentConfig, stage: str, run_id: str, tracker: ExperimentTracker,
+                   train_cfg: train.TrainConfig) -> StageRecord:
+    result = train.fit(train_cfg, callbacks=[tracker.report_callback(run_id)])
+    metrics = _val_metrics(result.metrics)
+    if metrics:
+        tracker.log_validation(run_id, metrics, step=train_cfg.iterations)
+    tracker.set_tags(run_id, checkpoint_uri=result.checkpoint)
+    return StageRecord(stage, result.checkpoint, metrics)
 
 
 def run_training_stage(cfg: ExperimentConfig, stage: str, tracker: ExperimentTracker, init: str | None) -> StageRecord:
@@ -59,11 +72,12 @@ def run_training_stage(cfg: ExperimentConfig, stage: str, tracker: ExperimentTra
     if record is not None:
         return record
     train_cfg = cfg.warmup_config(stage, init)
-    run_id = tracker.stage_run(stage, params=config_lib.to_dict(train_cfg))
-    result = train.fit(train_cfg, tracking=tracker.target(run_id))
-    metrics = _val_metrics(result.metrics)
-    tracker.finish_stage(run_id, metrics, checkpoint=result.checkpoint)
-    return _write_record(cfg, StageRecord(stage, result.checkpoint, metrics, {"init": init or cfg.model.init}))
+    run_id = tracker.stage_run(stage)
+    tracker.log_config(run_id, config_lib.to_dict(train_cfg))
+    record = _train_tracked(cfg, stage, run_id, tracker, train_cfg)
+    record.lineage = {"init": train_cfg.init or train_cfg.imagenet_backbone}
+    tracker.finish(run_id)
+    return _write_record(cfg, record)
 
 
 def warmup_record(cfg: ExperimentConfig) -> StageRecord | None:
@@ -115,18 +129,20 @@ def run_round(cfg: ExperimentConfig, round_index: int, tracker: ExperimentTracke
     train_cfg = cfg.round_train_config(round_index, init)
     lineage = {"generator": generator, "generator_from": st.generator_from, "init": init,
                "init_from": st.init_from, "label_store": label_cfg.store}
-    run_id = tracker.stage_run(stage, params={
-        "round": round_index, "labels": config_lib.to_dict(label_cfg), "train": config_lib.to_dict(train_cfg),
-        "lineage": lineage,
-    })
+    run_id = tracker.stage_run(stage)
+    tracker.log_config(run_id, {"labels": config_lib.to_dict(label_cfg), "train": config_lib.to_dict(train_cfg),
+                                "lineage": lineage})
+    start = time.perf_counter()
     manifest = pseudo_label.run(label_cfg)
-    tracker.log_pseudo_labels(run_id, manifest)
-    result = train.fit(train_cfg, tracking=tracker.target(run_id))
-    metrics = _val_metrics(result.metrics)
+    seconds = time.perf_counter() - start
+    fresh = manifest["prediction_parts_reused"] < manifest["num_parts"]
+    tracker.log_pseudo_labels(run_id, manifest, images_per_s=manifest["num_images"] / seconds if fresh else None)
+    record = _train_tracked(cfg, stage, run_id, tracker, train_cfg)
     stats = manifest["statistics"]
-    metrics.update({"pseudo/coverage": stats["coverage_all"], "pseudo/precision": stats["precision_all"]})
-    tracker.finish_stage(run_id, _val_metrics(result.metrics), checkpoint=result.checkpoint)
-    return _write_record(cfg, StageRecord(stage, result.checkpoint, metrics, lineage))
+    record.metrics.update({"pseudo/coverage": stats["coverage_all"], "pseudo/precision": stats["precision_all"]})
+    record.lineage = lineage
+    tracker.finish(run_id)
+    return _write_record(cfg, record)
 
 
 @ray.remote
@@ -163,12 +179,15 @@ def run_final_eval(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRe
     last = read_record(cfg, f"round_{len(cfg.self_training.rounds)}")
     if last is None:
         raise RuntimeError("the final evaluation needs the last round to be finished: run jobs/run_experiment.py")
-    run_id = tracker.stage_run("final_eval", params={"checkpoint": last.checkpoint,
-                                                      "sizes": list(cfg.final_eval.sizes), "flip": cfg.final_eval.flip})
+    run_id = tracker.stage_run("final_eval")
+    tracker.log_config(run_id, {"checkpoint": last.checkpoint, "sizes": [list(x) for x in cfg.final_eval.sizes],
+                                "flip": cfg.final_eval.flip})
     cm = evaluate_checkpoint(cfg, last.checkpoint)
     print(cm.table(), flush=True)
-    metrics = {f"val/{k}": v for k, v in cm.summary().items()}
-    tracker.finish_stage(run_id, metrics, checkpoint=last.checkpoint)
+    metrics = _val_metrics({f"val/{k}": v for k, v in cm.summary().items()})
+    tracker.log_validation(run_id, metrics)
+    tracker.set_tags(run_id, checkpoint_uri=last.checkpoint)
+    tracker.finish(run_id)
     return _write_record(cfg, StageRecord("final_eval", last.checkpoint, metrics, {"evaluated": last.stage}))
 
 

@@ -56,7 +56,8 @@ stage's last training step); pseudo-label metrics at step 0.
 
 Params: the flattened configuration (``a.b.c`` keys), the selector (``pseudo.selector.*``)
 and the generator lineage (``generator.checkpoint``, ``generator.sha256``,
-``generator.round`` -- 0 is the warm-up model -- and ``pseudo.round``). Values longer than
+``generator.round`` -- the round of the model that made the labels, 0 for the warm-up
+model -- and ``pseudo.round``). Values longer than
 MLflow's limit are truncated. Params whose key looks like a secret (key, secret, token,
 password, credential) are logged as ``***`` and user:password@ is removed from every URI.
 
@@ -234,38 +235,22 @@ class ExperimentTracker:
                 self._parent_id = run.info.run_id
         return self._parent_id
 
-    def stage_run(self, stage: str, params: dict | None = None) -> str:
-        """The child run of ``stage`` (``source_only``, ``round_2``, ...), re-used on resume;
-        ``params`` (nested or flat) are logged with `log_params`."""
+    def stage_run(self, stage: str) -> str:
+        """The child run of ``stage`` (``source_only``, ``round_2``, ...), re-used on resume."""
         check_stage(stage)
         parent = self.parent_run_id
-        run_id = self._find(f"tags.mlflow.parentRunId = '{parent}' and tags.stage = '{stage}'")
-        if run_id:
-            self._resume(run_id)
-        else:
-            tags = {"mlflow.parentRunId": parent, "stage": stage, "status": "running"}
-            if _round_of(stage) is not None:
-                tags["round"] = _round_of(stage)
-            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=stage).info.run_id
-        if params:
-            self.log_params(run_id, params)
-        return run_id
+        found = self._find(f"tags.mlflow.parentRunId = '{parent}' and tags.stage = '{stage}'")
+        if found:
+            return self._resume(found)
+        tags = {"mlflow.parentRunId": parent, "stage": stage, "status": "running"}
+        if _round_of(stage) is not None:
+            tags["round"] = _round_of(stage)
+        return self.client.create_run(self.experiment_id, tags=tags, run_name=stage).info.run_id
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         """Close a run: ``FINISHED``, ``FAILED`` or ``KILLED`` (also the ``status`` tag)."""
         self.client.set_tag(run_id, "status", status.lower())
         self.client.set_terminated(run_id, status)
-
-    def finish_stage(self, run_id: str, metrics: dict[str, Any], checkpoint: str | None = None, step: int = 0) -> None:
-        """A stage's end: ``val/...`` entries through `log_validation` (with the chart), the
-        others through `log_metrics`, the ``checkpoint_uri`` tag, status FINISHED."""
-        val = {k: v for k, v in metrics.items() if k.startswith("val/")}
-        if val:
-            self.log_validation(run_id, val, step)
-        self.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in val}, step)
-        if checkpoint:
-            self.set_tags(run_id, checkpoint_uri=checkpoint)
-        self.finish(run_id)
 
     # -- params and tags --------------------------------------------------------------------
 
@@ -324,9 +309,13 @@ class ExperimentTracker:
             iou_chart(plain, path)
             self.client.log_artifact(run_id, path, "charts")
 
-    def log_pseudo_labels(self, run_id: str, manifest: dict, images_per_s: float | None = None) -> None:
+    def log_pseudo_labels(
+        self, run_id: str, manifest: dict, images_per_s: float | None = None, generator_round: int | None = None
+    ) -> None:
         """A label store's manifest (`pipeline.pseudo_label.run`'s result): statistics as
-        ``pseudo/...`` metrics, selector and generator lineage as params, previews as artifacts."""
+        ``pseudo/...`` metrics, selector and generator lineage as params, previews as artifacts.
+        ``generator_round``: the round whose model made the labels (0: the warm-up model);
+        by default the previous round."""
         try:
             stats, generator, selector = manifest["statistics"], manifest["generator"], manifest["selector"]
             round_ = int(manifest["round"])
@@ -345,7 +334,7 @@ class ExperimentTracker:
         self.log_params(
             run_id,
             {
-                "generator": {**generator, "round": round_ - 1},
+                "generator": {**generator, "round": round_ - 1 if generator_round is None else generator_round},
                 "pseudo": {"round": round_, "selector": selector},
             },
         )

@@ -62,7 +62,9 @@ def experiment(tmp_path):
     ids = {}
     for i, stage in enumerate(STAGES):
         ids[stage] = tracker.stage_run(stage)
-        tracker.finish_stage(ids[stage], {"val/mIoU-19": 0.30 + 0.05 * i}, checkpoint=f"{out}/{stage}/checkpoint.pt")
+        tracker.log_validation(ids[stage], {"mIoU-19": 0.30 + 0.05 * i})
+        tracker.set_tags(ids[stage], checkpoint_uri=f"{out}/{stage}/checkpoint.pt")
+        tracker.finish(ids[stage])
     tracker.finish(tracker.parent_run_id)
     return {"out": out, "experiment_id": tracker.experiment_id, "run_ids": ids}
 

@@ -1,0 +1,33 @@
+"""The whole chain: warm-up -> rounds 1..R -> final (multi-scale) evaluation -> oracle.
+
+    python jobs/run_experiment.py --config configs/benchmark.yaml [key=value ...]
+
+Finished stages are skipped, so re-running continues a crashed experiment. Prints the
+comparison of stages from MLflow at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from common import experiment_tracker, init_ray, parse_config
+
+from pipeline.experiment import ExperimentConfig
+from pipeline.rounds import run_experiment
+from pipeline.tracking import comparison_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(ExperimentConfig, __doc__, argv)
+    init_ray()
+    tracker = experiment_tracker(cfg)
+    run_experiment(cfg, tracker)
+    tracker.finish(tracker.parent_run_id)
+    print()
+    print(comparison_table(tracker.tracking_uri, cfg.name))
+    print(f"\nMLflow: {tracker.tracking_uri} (browse it with `make mlflow-ui OUT={cfg.output}`)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+import json
+import os
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import config, pseudo_label
+from pipeline.experiment import ExperimentConfig
+from pipeline.label_store import LabelStore
+from pipeline.rounds import read_record, run_experiment, run_round, run_warmup
+from pipeline.tracking import ExperimentTracker, comparison_table, default_tracking_uri
+
+
+def tiny_experiment(benchmark_data, output, **overrides) -> ExperimentConfig:
+    """A whole IAST chain in seconds: 4 source-only steps, 2 rounds of 2 steps."""
+    data = {
+        "name": "tiny",
+        "output": str(output),
+        "data": {k: config.to_dict(benchmark_data[k]) for k in ("source", "target", "val")},
+        "model": {"arch": "deeplabv2_small"},
+        "crop_size": [64, 32],
+        "source_crop_heights": [48, 96],
+        "target_crop_heights": [48, 96],
+        "source_only": {"iterations": 4, "lr": 1e-3, "batch_size": 2, "checkpoint_every": 2},
+        "self_training": {
+            "iterations": 2, "batch_size": 2, "checkpoint_every": 2,
+            "rounds": [
+                {"alpha": 0.2, "lr": 1e-4, "pseudo_label_size": [128, 64]},
+                {"alpha": 0.25, "lr": 1e-4, "pseudo_label_size": [128, 64]},
+            ],
+        },
+        "compute": {"loader_workers": 0},
+    }
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config.from_dict(ExperimentConfig, data)
+
+
+def _tracker(cfg):
+    return ExperimentTracker(default_tracking_uri(cfg.output), cfg.name)
+
+
+def test_chain_is_tracked_and_a_rerun_does_no_work(ray_cluster, benchmark_data, tmp_path):
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out")
+    tracker = _tracker(cfg)
+    records = run_experiment(cfg, tracker)
+    assert [r.stage for r in records] == ["source_only", "round_1", "round_2", "final_eval"]
+    r1, r2 = records[1], records[2]
+    assert r1.lineage["generator"] == records[0].checkpoint  # round 1 labels with the warm-up
+    assert r2.lineage["generator"] == r1.checkpoint and r2.lineage["init"] == r1.checkpoint
+    assert 0 <= r2.metrics["val/mIoU-19"] <= 1 and "pseudo/coverage" in r2.metrics
+
+    client = MlflowClient(tracker.tracking_uri)
+    runs = client.search_runs([tracker.experiment_id])
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert set(by_stage) == {"experiment", "source_only", "round_1", "round_2", "final_eval"}
+    round_1 = by_stage["round_1"].data
+    assert "val/mIoU-19" in round_1.metrics and "val/IoU/road" in round_1.metrics
+    assert "pseudo/coverage" in round_1.metrics and "pseudo/threshold/road" in round_1.metrics
+    assert "train/loss" in round_1.metrics and "train/ignored_reg" in round_1.metrics
+    assert round_1.tags["checkpoint_uri"] == r1.checkpoint
+    assert round_1.params["pseudo.selector.alpha"] == "0.2"
+    assert "round_2" in comparison_table(tracker.tracking_uri, "tiny")
+
+    # a finished chain does nothing on a re-run: same records, no new runs, no new files
+    stamp = {p: os.stat(p).st_mtime_ns for p in map(str, (tmp_path / "out").rglob("*.parquet"))}
+    again = run_experiment(cfg, _tracker(cfg))
+    assert [r.__dict__ for r in again] == [r.__dict__ for r in records]
+    assert len(client.search_runs([tracker.experiment_id])) == len(runs)
+    assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp
+
+
+def test_round_resumes_from_a_complete_label_store_without_relabelling(ray_cluster, benchmark_data, tmp_path):
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{"self_training.rounds": [
+        {"alpha": 0.2, "lr": 1e-4, "pseudo_label_size": [128, 64]}]})
+    tracker = _tracker(cfg)
+    warmup = run_warmup(cfg, tracker)[-1]
+    # the round crashed after its labels were complete: the store exists, training did not finish
+    pseudo_label.run(cfg.round_label_config(1, warmup.checkpoint))
+    store = LabelStore(cfg.label_store(1))
+    manifest_mtime = os.stat(os.path.join(cfg.label_store(1), "manifest.json")).st_mtime_ns
+    record = run_round(cfg, 1, tracker)
+    assert os.stat(os.path.join(cfg.label_store(1), "manifest.json")).st_mtime_ns == manifest_mtime
+    assert store.manifest()["prediction_parts_reused"] == 0  # made once, by the first call
+    assert record.lineage["label_store"] == cfg.label_store(1)
+    assert read_record(cfg, "round_1") == record
+
+
+def test_round_before_its_predecessor_is_refused(benchmark_data, tmp_path):
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out")
+    with pytest.raises(RuntimeError, match="has not finished"):
+        run_round(cfg, 2, tracker=None)
+
+
+def test_unknown_experiment_keys_are_rejected(benchmark_data, tmp_path):
+    with pytest.raises(config.ConfigError, match="self_training.alpah"):
+        tiny_experiment(benchmark_data, tmp_path, **{"self_training.alpah": 0.3})
+    with pytest.raises(config.ConfigError, match="self_training.rounds\\[0\\].alpha: expected float"):
+        tiny_experiment(benchmark_data, tmp_path, **{"self_training.rounds": [{"alpha": "high", "lr": 1,
+                                                                                "pseudo_label_size": [2, 1]}]})
