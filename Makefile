@@ -4,10 +4,20 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+OUT    ?= outputs/benchmark          # where the demo writes (and mlflow-ui reads)
 DATA   ?= data/benchmark
-OUT    ?= outputs
+GTA5       ?= data/GTA5
+SYNTHIA    ?= data/SYNTHIA
+CITYSCAPES ?= data/cityscapes
+IMAGENET   ?=                        # torchvision's resnet101-*.pth, for the reproductions
+PORT   ?= 5000
+# Reproduction targets run on the cluster at RAY_ADDRESS when it is set (ray.init reads it).
+ifdef RAY_ADDRESS
+export RAY_ADDRESS
+endif
 
-.PHONY: install test test-slow demo bench benchmark-data preview clean
+.PHONY: install test test-slow demo benchmark-data ablation bench mlflow-ui clean \
+        prepare-gta5 prepare-synthia prepare-cityscapes reproduce-gta5 reproduce-synthia
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo ">> installing into $(VENV)/ (torch CPU, Ray, MLflow, ...; ~2 min on a fresh machine)"
@@ -24,21 +34,54 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-benchmark-data: $(STAMP)
+# -- the built-in benchmark ------------------------------------------------------------
+$(DATA)/target/lists/cityscapes_val.txt: | $(STAMP)
 	$(PY) jobs/make_benchmark.py --out $(DATA)
+	$(PY) jobs/prepare_data.py --dataset gta5 --root $(DATA)/source
+	$(PY) jobs/prepare_data.py --dataset cityscapes --root $(DATA)/target
 
-bench: $(STAMP)
+benchmark-data: $(DATA)/target/lists/cityscapes_val.txt
+
+demo: $(STAMP) benchmark-data
+	$(PY) jobs/run_experiment.py --config configs/benchmark.yaml output=$(strip $(OUT)) \
+		data.source.root=$(DATA)/source data.target.root=$(DATA)/target data.val.root=$(DATA)/target
+
+ablation: $(STAMP) benchmark-data
+	$(PY) jobs/ablation.py --config configs/benchmark.yaml output=outputs/ablation \
+		data.source.root=$(DATA)/source data.target.root=$(DATA)/target data.val.root=$(DATA)/target
+
+bench: $(STAMP) benchmark-data
 	$(PY) benchmarks/bench_selectors.py
+	$(PY) benchmarks/bench_pseudo_label.py --data $(DATA)
+	$(PY) benchmarks/bench_data_wait.py --data $(DATA)
+
+# The MLflow UI over the pipeline's store (OUT/mlflow.db), on this machine only.
+# One worker and no job runner: ~0.5 GiB and a few seconds to start (instead of ~3 GiB).
+mlflow-ui: $(STAMP)
+	@mkdir -p $(strip $(OUT))
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec $(PY) -m mlflow server --host 127.0.0.1 --port $(PORT) \
+		--workers 1 --backend-store-uri sqlite:///$(abspath $(strip $(OUT)))/mlflow.db \
+		--artifacts-destination $(abspath $(strip $(OUT)))/mlartifacts
+
+# -- the real datasets: validate and convert, then the released protocols ----------------
+prepare-gta5: $(STAMP)
+	$(PY) jobs/prepare_data.py --dataset gta5 --root $(GTA5)
+
+prepare-synthia: $(STAMP)
+	$(PY) jobs/prepare_data.py --dataset synthia --root $(SYNTHIA)
+
+prepare-cityscapes: $(STAMP)
+	$(PY) jobs/prepare_data.py --dataset cityscapes --root $(CITYSCAPES)
+
+reproduce-gta5: $(STAMP)
+	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
+	$(PY) jobs/run_experiment.py --config configs/gta5_cityscapes.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
+		data.source.root=$(GTA5) data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
+
+reproduce-synthia: $(STAMP)
+	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
+	$(PY) jobs/run_experiment.py --config configs/synthia_cityscapes.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
+		data.source.root=$(SYNTHIA) data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
 
 clean:
-	rm -rf $(OUT) .pytest_cache
-
-# The MLflow UI over the pipeline's default store (OUT/mlflow.db), on this machine only.
-# One worker and no job runner: ~0.5 GiB and a few seconds to start (instead of ~3 GiB).
-PORT ?= 5000
-.PHONY: mlflow-ui
-mlflow-ui: $(STAMP)
-	@mkdir -p $(OUT)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec $(PY) -m mlflow server --host 127.0.0.1 --port $(PORT) \
-		--workers 1 --backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db \
-		--artifacts-destination $(abspath $(OUT))/mlartifacts
+	rm -rf $(strip $(OUT)) outputs/ablation .pytest_cache

@@ -29,8 +29,14 @@ def init_ray() -> None:
     """Join the cluster of `ray job submit` / RAY_ADDRESS, or start a local instance."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        # A local instance gets at least 4 logical CPUs: on a 2-core machine Ray Data's
+        # decode tasks would otherwise wait forever behind the actors (platform notes).
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
 
 
 def experiment_tracker(cfg):

@@ -14,7 +14,7 @@ from common import experiment_tracker, init_ray, parse_config
 
 from pipeline.experiment import ExperimentConfig
 from pipeline.rounds import run_experiment
-from pipeline.tracking import comparison_table
+from pipeline.tracking import comparison_table, scrub_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     tracker.finish(tracker.parent_run_id)
     print()
     print(comparison_table(tracker.tracking_uri, cfg.name))
-    print(f"\nMLflow: {tracker.tracking_uri} (browse it with `make mlflow-ui OUT={cfg.output}`)")
+    print(f"\nMLflow: {scrub_uri(tracker.tracking_uri)} (browse it with `make mlflow-ui OUT={cfg.output}`)")
     return 0
 
 

@@ -9,6 +9,7 @@ last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -136,7 +137,8 @@ def run_round(cfg: ExperimentConfig, round_index: int, tracker: ExperimentTracke
     manifest = pseudo_label.run(label_cfg)
     seconds = time.perf_counter() - start
     fresh = manifest["prediction_parts_reused"] < manifest["num_parts"]
-    tracker.log_pseudo_labels(run_id, manifest, images_per_s=manifest["num_images"] / seconds if fresh else None)
+    tracker.log_pseudo_labels(run_id, manifest, images_per_s=manifest["num_images"] / seconds if fresh else None,
+                              generator_round=round_index - 1 if st.generator_from == "previous_round" else 0)
     record = _train_tracked(cfg, stage, run_id, tracker, train_cfg)
     stats = manifest["statistics"]
     record.metrics.update({"pseudo/coverage": stats["coverage_all"], "pseudo/precision": stats["precision_all"]})
@@ -201,3 +203,31 @@ def run_experiment(cfg: ExperimentConfig, tracker: ExperimentTracker) -> list[St
     if cfg.oracle.iterations > 0:
         records.append(run_training_stage(cfg, "oracle", tracker, init=None))
     return records
+
+
+ABLATION_VARIANTS = {
+    # name: overrides of self_training (selector, regularisation weights)
+    "IAS": {},
+    "CBST": {"selector": "cbst"},
+    "constant 0.9": {"selector": "constant", "constant_threshold": 0.9},
+    "IAS, no regularisation": {"confident_weight": 0.0, "ignored_weight": 0.0},
+}
+
+
+def ablation_configs(cfg: ExperimentConfig, warmup: StageRecord) -> dict[str, ExperimentConfig]:
+    """Round 1 of ``cfg`` under each selector / loss variant, all from the same warm-up
+    model, each with its own output folder (``<output>/<variant>``) and MLflow experiment."""
+    configs = {}
+    for name, changes in ABLATION_VARIANTS.items():
+        slug = name.lower().replace(",", "").replace(" ", "_").replace(".", "")
+        configs[name] = dataclasses.replace(
+            cfg,
+            name=f"{cfg.name}-ablation-{slug}",
+            output=storage.join(cfg.output, slug),
+            model=dataclasses.replace(cfg.model, init=warmup.checkpoint, init_format="ours"),
+            source_only=dataclasses.replace(cfg.source_only, iterations=0),
+            adversarial=dataclasses.replace(cfg.adversarial, iterations=0),
+            oracle=dataclasses.replace(cfg.oracle, iterations=0),
+            self_training=dataclasses.replace(cfg.self_training, rounds=cfg.self_training.rounds[:1], **changes),
+        )
+    return configs
