@@ -130,7 +130,7 @@ def load_image(uri: str) -> np.ndarray:
     image = _open_image(uri)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image)
+    return np.array(image)  # writable: torch.from_numpy warns on read-only arrays
 
 
 def load_label(uri: str) -> np.ndarray:
