@@ -77,7 +77,7 @@ class Domain:
     ego_vehicle: bool
     # Look.
     colors: dict[str, tuple[RGB, ...]]
-    sky: tuple[RGB, RGB]  # zenith, horizon
+    skies: tuple[tuple[RGB, RGB], ...]  # (zenith, horizon) colours, one drawn per frame
     window: RGB
     sun: bool  # hard shadows and sunlit/shaded facades
     texture: float  # amplitude of grain and blotches (per-class weights below)
@@ -117,16 +117,18 @@ SOURCE = Domain(
     road_half_width=(4.5, 8.0), sidewalk_width=(2.0, 3.5), verge_prob=0.3,
     barrier_probs=(0.35, 0.15, 0.05), building_height=(10.0, 40.0),
     trees=2.0, poles=4.0, parked_cars=8.0, moving_cars=8.0, heavy_share=0.25,
-    pedestrians=1.5, cyclists=0.15, motorcyclists=0.8, train_prob=0.03, ego_vehicle=False,
+    pedestrians=2.5, cyclists=0.15, motorcyclists=0.8, train_prob=0.03, ego_vehicle=False,
     colors={  # a game's look: bright paint, lush green, blue glass, yellow lines
         **_COLORS,
         "marking": ((235, 235, 225), (240, 200, 40)),
         "vegetation": ((95, 150, 35), (110, 155, 40), (75, 130, 45)),
         "car": ((205, 25, 25), (245, 205, 20), (30, 80, 210), (245, 245, 245), (20, 20, 25),
-                (30, 150, 60), (235, 115, 20)),
+                (30, 150, 60), (235, 115, 20), (130, 135, 140)),
         "glass": ((110, 165, 215),),
     },
-    sky=((50, 120, 235), (175, 215, 250)), window=(120, 175, 225),
+    skies=(((50, 120, 235), (175, 215, 250)), ((70, 140, 230), (200, 225, 245)),
+           ((40, 100, 220), (150, 200, 250)), ((170, 180, 195), (220, 225, 230))),
+    window=(120, 175, 225),
     sun=True, texture=0.03, saturation=1.25, tint=(1.05, 1.0, 0.92), contrast=1.1, gamma=0.95,
     blur=0.0, noise=0.0, vignette=0.0, jpeg_quality=None,
 )
@@ -148,7 +150,9 @@ TARGET = Domain(
                     (120, 40, 40)),
         "glass": ((55, 62, 70),),
     },
-    sky=((150, 175, 200), (222, 225, 228)), window=(55, 62, 70),
+    skies=(((120, 160, 205), (215, 222, 230)), ((185, 190, 198), (225, 227, 230)),
+           ((205, 208, 212), (235, 236, 238))),
+    window=(55, 62, 70),
     sun=False, texture=0.07, saturation=0.7, tint=(0.96, 1.0, 1.02), contrast=0.9, gamma=1.15,
     blur=0.6, noise=0.02, vignette=0.3, jpeg_quality=55,
 )
@@ -304,7 +308,7 @@ def _sample_street(rng: np.random.Generator, dom: Domain) -> _Street:
 
 def _draw_sky(canvas: _Canvas, cam: _Camera, dom: Domain, rng: np.random.Generator) -> None:
     t = np.clip(np.arange(canvas.h, dtype=np.float32) / max(cam.horizon, 1.0), 0, 1)[:, None, None]
-    zenith, horizon = _rgb(dom.sky[0]), _rgb(dom.sky[1])
+    zenith, horizon = (_rgb(c) for c in dom.skies[rng.integers(len(dom.skies))])
     canvas.rgb[:] = zenith + (horizon - zenith) * t ** 0.7
     clouds = np.clip(_smooth_noise(rng, canvas.h, canvas.w, cell=24) * 2.5 - 0.8, 0, 1)[..., None]
     canvas.rgb[:] += (1 - canvas.rgb) * clouds * 0.8
