@@ -13,16 +13,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline import config  # noqa: E402
 
 
-def parse_config(cls, doc: str, argv: list[str] | None):
-    """``--config FILE`` plus ``key.sub=value`` overrides -> a validated ``cls``; exits 2 on errors."""
+def parse_config(cls, doc: str, argv: list[str] | None, extra=None):
+    """``--config FILE`` plus ``key.sub=value`` overrides -> a validated ``cls``; exits 2 on
+    errors. ``extra(parser)`` adds a job's own options; then (config, args) is returned."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (local path or s3://)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied on top of the file")
+    if extra:
+        extra(parser)
     args = parser.parse_args(argv)
     try:
-        return config.load(cls, args.config, args.overrides)
-    except config.ConfigError as err:
+        cfg = config.load(cls, args.config, args.overrides)
+    except (config.ConfigError, ValueError) as err:
         parser.exit(2, f"config error: {err}\n")
+    return (cfg, args) if extra else cfg
 
 
 def init_ray() -> None:

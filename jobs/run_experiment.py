@@ -1,6 +1,6 @@
 """The whole chain: warm-up -> rounds 1..R -> final (multi-scale) evaluation -> oracle.
 
-    python jobs/run_experiment.py --config configs/benchmark.yaml [key=value ...]
+    python jobs/run_experiment.py --config configs/benchmark.yaml [--until warmup|round_N] [key=value ...]
 
 Finished stages are skipped, so re-running continues a crashed experiment. Prints the
 comparison of stages from MLflow at the end.
@@ -17,12 +17,17 @@ from pipeline.rounds import run_experiment
 from pipeline.tracking import comparison_table, scrub_uri
 
 
+def _until(parser) -> None:
+    parser.add_argument("--until", help="stop after this stage: warmup or round_<r> (default: run everything)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(ExperimentConfig, __doc__, argv)
+    cfg, args = parse_config(ExperimentConfig, __doc__, argv, extra=_until)
     init_ray()
     tracker = experiment_tracker(cfg)
-    run_experiment(cfg, tracker)
-    tracker.finish(tracker.parent_run_id)
+    run_experiment(cfg, tracker, until=args.until)
+    if args.until is None:
+        tracker.finish(tracker.parent_run_id)
     print()
     print(comparison_table(tracker.tracking_uri, cfg.name))
     print(f"\nMLflow: {scrub_uri(tracker.tracking_uri)} (browse it with `make mlflow-ui OUT={cfg.output}`)")

@@ -130,6 +130,20 @@ class ExperimentConfig:
         if not self.self_training.rounds:
             raise ValueError("self_training.rounds is empty: give at least one round")
 
+    def check(self) -> None:
+        """Fail in seconds, not hours: every dataset prepared and every weights file present."""
+        for key in ("source", "target", "val"):
+            data = getattr(self.data, key)
+            samples = data.samples()  # raises with the prepare command when the list is missing
+            if not samples:
+                raise ValueError(f"data.{key}: {data.dataset} {data.split} at {data.root} holds no images")
+            if key != "target" and samples[0].label is None:
+                raise ValueError(f"data.{key}: {data.dataset} {data.split} at {data.root} has no labels")
+        for key in ("imagenet_backbone", "init"):
+            uri = getattr(self.model, key)
+            if uri and not storage.exists(uri):
+                raise FileNotFoundError(f"model.{key}: weights file {uri} not found")
+
     # -- where things live ------------------------------------------------------------
     def stage_record(self, stage: str) -> str:
         return storage.join(self.output, "stages", f"{stage}.json")

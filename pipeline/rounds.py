@@ -193,15 +193,22 @@ def run_final_eval(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRe
     return _write_record(cfg, StageRecord("final_eval", last.checkpoint, metrics, {"evaluated": last.stage}))
 
 
-def run_experiment(cfg: ExperimentConfig, tracker: ExperimentTracker) -> list[StageRecord]:
+def run_experiment(cfg: ExperimentConfig, tracker: ExperimentTracker, until: str | None = None) -> list[StageRecord]:
     """The whole chain in order; finished stages are skipped. Returns the records in order
-    (warm-up stages, rounds, final evaluation, oracle)."""
+    (warm-up stages, rounds, final evaluation, oracle). ``until``: stop after "warmup" or
+    after "round_<r>" (the oracle then does not run either)."""
+    rounds = len(cfg.self_training.rounds)
+    last_round = {"warmup": 0, None: rounds, **{f"round_{r}": r for r in range(1, rounds + 1)}}
+    if until not in last_round:
+        raise ValueError(f"until must be warmup or round_1..round_{rounds}, got {until!r}")
+    cfg.check()
     records = run_warmup(cfg, tracker)
-    for r in range(1, len(cfg.self_training.rounds) + 1):
+    for r in range(1, last_round[until] + 1):
         records.append(run_round(cfg, r, tracker))
-    records.append(run_final_eval(cfg, tracker))
-    if cfg.oracle.iterations > 0:
-        records.append(run_training_stage(cfg, "oracle", tracker, init=None))
+    if until is None:
+        records.append(run_final_eval(cfg, tracker))
+        if cfg.oracle.iterations > 0:
+            records.append(run_training_stage(cfg, "oracle", tracker, init=None))
     return records
 
 
