@@ -68,6 +68,8 @@ def test_a_submitted_round_is_tracked_in_mlflow_and_a_resubmitted_one_does_no_wo
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict(cfg)))
     runtime_env = {"env_vars": {"AWS_ENDPOINT_URL": s3_server.endpoint}}
+    user_token = os.path.expanduser("~/.ray/auth_token")
+    user_token_before = open(user_token).read() if os.path.exists(user_token) else None
 
     with RayNodes(env=CREDENTIALS) as cluster:
         cluster.env.pop("AWS_ENDPOINT_URL", None)  # the node does not know the endpoint; the job does
@@ -104,3 +106,4 @@ def test_a_submitted_round_is_tracked_in_mlflow_and_a_resubmitted_one_does_no_wo
         assert read_record(cfg, "round_1") == record
         assert len(client.search_runs([experiment.experiment_id])) == len(runs)
         assert _stage_outputs(tmp_path / "out") == stamp
+    assert (open(user_token).read() if os.path.exists(user_token) else None) == user_token_before  # not replaced

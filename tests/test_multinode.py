@@ -74,7 +74,8 @@ def test_a_round_spreads_over_two_nodes_and_labels_as_on_one(
 
         actors = cluster.api("/api/v0/actors?limit=10000&detail=true")["data"]["result"]["result"]
         seen = [(a["class_name"], a["repr_name"], a["node_id"]) for a in actors]
-        labelling = [a for a in actors if a["class_name"] == "_MapWorker" and "_Predictor" in a["repr_name"]]
+        # Ray Data names its pool actors after the callable: MapWorker(MapBatches(_Predictor))
+        labelling = [a for a in actors if "(_Predictor)" in a["class_name"]]
         training = [a for a in actors if a["class_name"] == "RayTrainWorker"]
         assert len(labelling) == 2 and {a["node_id"] for a in labelling} == set(nodes.values()), (nodes, seen)
         assert len(training) == 2 and {a["node_id"] for a in training} == set(nodes.values()), (nodes, seen)
