@@ -10,7 +10,9 @@ included, so it is never used here. Each node runs as ``ray start --block`` in a
 of its own instead; ``stop()`` sends it SIGTERM (it then stops its node's processes),
 and SIGKILLs whatever is left that carries this cluster's marker in its environment
 (job drivers run in sessions of their own). If pytest itself is killed, the kernel kills
-``ray start`` (PR_SET_PDEATHSIG) and Ray's reaper takes the node's processes with it.
+``ray start`` (PR_SET_PDEATHSIG), Ray's reaper then kills the node's process group, and
+what runs outside it (agents, workers, drivers) exits once its node is gone (measured:
+within two minutes).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 
 from s3_server import _die_with_parent, _free_port
@@ -99,13 +100,14 @@ class RayNodes:
     # -- nodes ----------------------------------------------------------------------------------
 
     def _start(self, name: str, args: list[str], ready, timeout: float) -> None:
-        log = open(os.path.join(self.root, f"{name}.log"), "w")
-        node = subprocess.Popen(
-            [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block", "--disable-usage-stats",
-             f"--dashboard-agent-listen-port={_free_port()}", *args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+        log = os.path.join(self.root, f"{name}.log")
+        with open(log, "w") as out:
+            node = subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block", "--disable-usage-stats",
+                 f"--dashboard-agent-listen-port={_free_port()}", *args],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         self.nodes.append(node)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and node.poll() is None:
@@ -115,8 +117,9 @@ class RayNodes:
             except (OSError, KeyError, ValueError):  # not up yet
                 pass
             time.sleep(0.5)
-        with open(log.name) as f:
-            raise RuntimeError(f"ray start ({name}) did not come up in {timeout:.0f} s; its log:\n{f.read()[-4000:]}")
+        with open(log) as f:
+            raise RuntimeError(f"ray start ({name}) exited or was not up after {timeout:.0f} s; its log:\n"
+                               f"{f.read()[-4000:]}")
 
     def start_head(self, num_cpus: int, resources: dict | None = None, timeout: float = 120) -> None:
         dashboard_port = _free_port()

@@ -19,6 +19,7 @@ import os
 import uuid
 
 import boto3
+import pytest
 import yaml
 from mlflow import MlflowClient
 from ray_processes import RayNodes
@@ -47,6 +48,7 @@ def _stage_outputs(out) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for sub in ("stages", "labels", "train") for p in (out / sub).rglob("*")}
 
 
+@pytest.mark.slow  # 110-130 s on the shared 2-core machine: a head, two jobs, a Ray Train run
 def test_a_submitted_round_is_tracked_in_mlflow_and_a_resubmitted_one_does_no_work(
     s3_server, benchmark_data, small_checkpoint, tmp_path, monkeypatch
 ):

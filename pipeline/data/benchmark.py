@@ -153,8 +153,8 @@ TARGET = Domain(
     skies=(((120, 160, 205), (215, 222, 230)), ((185, 190, 198), (225, 227, 230)),
            ((205, 208, 212), (235, 236, 238))),
     window=(55, 62, 70),
-    sun=False, texture=0.07, saturation=0.7, tint=(0.96, 1.0, 1.02), contrast=0.9, gamma=1.15,
-    blur=0.6, noise=0.02, vignette=0.3, jpeg_quality=55,
+    sun=False, texture=0.07, saturation=0.75, tint=(0.96, 1.0, 1.02), contrast=0.9, gamma=1.1,
+    blur=0.6, noise=0.02, vignette=0.3, jpeg_quality=60,
 )
 
 # Texture weight per label id: vegetation and terrain are grainy, the sky smooth.
@@ -265,9 +265,12 @@ def _front_rect(canvas: _Canvas, cam: _Camera, x0, x1, y0, y1, z, min_width=1.0)
     return canvas.rect(u0, v0, u1, v1, min_width)
 
 
-def _box_grid(region):
+def _plane_coords(cam: _Camera, x: float, region) -> tuple[np.ndarray, np.ndarray]:
+    """Depth and height (metres) of each pixel of `region` on the vertical plane at lateral x."""
     ys, xs, _ = region
-    return np.mgrid[ys, xs].astype(np.float32) + 0.5  # rows, columns of pixel centres
+    rows, cols = np.mgrid[ys, xs].astype(np.float32) + 0.5
+    z = cam.f * x / np.where(np.abs(cols - cam.cx) < 1e-3, 1e-3, cols - cam.cx)
+    return z, cam.height - (rows - cam.horizon) * z / cam.f
 
 
 # --- the street ------------------------------------------------------------------------------
@@ -351,9 +354,7 @@ def _facade(canvas, cam, dom, rng, x, z0, z1, top, color, light) -> None:
     region = _side_quad(canvas, cam, x, z0, z1, 0.0, top)
     if region is None:
         return
-    rows, cols = _box_grid(region)
-    z = cam.f * x / np.where(np.abs(cols - cam.cx) < 1e-3, 1e-3, cols - cam.cx)  # depth of the plane
-    y = cam.height - (rows - cam.horizon) * z / cam.f  # height on the facade
+    z, y = _plane_coords(cam, x, region)
     bay, floor = rng.uniform(2.2, 3.5), rng.uniform(2.9, 3.6)
     windows = ((z / bay) % 1 < 0.55) & ((y / floor) % 1 > 0.35) & (y > 3.5) & (y < top - 1.0)
     shop = (y > 0.4) & (y < 2.8) & ((z / (2 * bay)) % 1 < 0.7)
@@ -387,8 +388,9 @@ def _draw_facades(canvas, cam, st: _Street, dom: Domain, rng) -> None:
 
 def _draw_barriers(canvas, cam, st: _Street, dom: Domain, rng) -> None:
     for side in (-1, 1):
-        kind = rng.choice(4, p=[*dom.barrier_probs, 1 - sum(dom.barrier_probs)])
-        if kind == 3:
+        probs = [*dom.barrier_probs, 1 - sum(dom.barrier_probs)]
+        kind = (WALL, FENCE, VEGETATION, None)[rng.choice(4, p=probs)]
+        if kind is None:
             continue
         x = st.barrier_line(side)
         z0 = rng.uniform(0.0, 20.0)
@@ -397,14 +399,12 @@ def _draw_barriers(canvas, cam, st: _Street, dom: Domain, rng) -> None:
         region = _side_quad(canvas, cam, x, z0, z1, 0.0, top)
         if region is None:
             continue
-        if kind == 0:
+        if kind == WALL:
             canvas.paint(region, WALL, _color(rng, dom, "wall"))
-        elif kind == 2:
+        elif kind == VEGETATION:  # a hedge
             canvas.paint(region, VEGETATION, _color(rng, dom, "vegetation"))
         else:  # a fence: solid posts and rails, see-through mesh
-            rows, cols = _box_grid(region)
-            z = cam.f * x / np.where(np.abs(cols - cam.cx) < 1e-3, 1e-3, cols - cam.cx)
-            y = cam.height - (rows - cam.horizon) * z / cam.f
+            z, y = _plane_coords(cam, x, region)
             solid = ((z % 2.5) < 0.25) | (np.abs(y - top) < 0.12) | (np.abs(y - 0.2) < 0.1)
             color = _color(rng, dom, "fence")
             canvas.paint(region, FENCE, color, alpha=0.55)
