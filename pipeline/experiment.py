@@ -32,6 +32,10 @@ class ModelConfig:
     init: str | None = None  # start the warm-up (or round 1) from this checkpoint instead
     init_format: Literal["ours", "iast"] = "ours"
 
+    def __post_init__(self):
+        self.imagenet_backbone = storage.absolute(self.imagenet_backbone)
+        self.init = storage.absolute(self.init)
+
 
 @dataclass
 class DataSection:
@@ -126,7 +130,7 @@ class ExperimentConfig:
     seed: int = 888
 
     def __post_init__(self):
-        storage.check_uri(self.output)
+        self.output = storage.absolute(storage.check_uri(self.output))
         if not self.self_training.rounds:
             raise ValueError("self_training.rounds is empty: give at least one round")
 

@@ -86,6 +86,10 @@ class PseudoLabelConfig:
     num_previews: int = 4
     round: int = 1
 
+    def __post_init__(self):
+        self.store = storage.absolute(self.store)
+        self.checkpoint = storage.absolute(self.checkpoint)
+
 
 # -- stage 1: predictions --------------------------------------------------------------
 

@@ -35,6 +35,14 @@ def check_uri(uri: str) -> str:
     return uri
 
 
+def absolute(uri: str | None) -> str | None:
+    """Local paths made absolute (Ray workers do not share the driver's working
+    directory); URIs and None unchanged."""
+    if uri is None or scheme(uri) != "file":
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def join(base: str, *parts: str) -> str:
     if scheme(base) == "file":
         return os.path.join(base, *parts)

@@ -94,6 +94,8 @@ class TrainConfig:
     eval_batch_size: int = 1
 
     def __post_init__(self):
+        for key in ("storage", "init", "imagenet_backbone", "label_store"):
+            setattr(self, key, storage.absolute(getattr(self, key)))
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.batch_size % self.num_workers:

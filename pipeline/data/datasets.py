@@ -57,6 +57,8 @@ class DataConfig:
 
     def __post_init__(self):
         check_split(self.dataset, self.split)
+        object.__setattr__(self, "root", storage.absolute(self.root))
+        object.__setattr__(self, "prepared", storage.absolute(self.prepared))
 
     def samples(self) -> list[Sample]:
         return list_samples(self.dataset, self.root, self.split, self.prepared)
