@@ -47,7 +47,7 @@ demo: $(STAMP) benchmark-data
 		data.source.root=$(DATA)/source data.target.root=$(DATA)/target data.val.root=$(DATA)/target
 
 ablation: $(STAMP) benchmark-data
-	$(PY) jobs/ablation.py --config configs/benchmark.yaml output=outputs/ablation \
+	$(PY) jobs/ablation.py --config configs/benchmark.yaml output=$(strip $(OUT)) \
 		data.source.root=$(DATA)/source data.target.root=$(DATA)/target data.val.root=$(DATA)/target
 
 bench: $(STAMP) benchmark-data
@@ -84,4 +84,4 @@ reproduce-synthia: $(STAMP)
 		data.source.root=$(SYNTHIA) data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
 
 clean:
-	rm -rf $(strip $(OUT)) outputs/ablation .pytest_cache
+	rm -rf $(strip $(OUT)) .pytest_cache

@@ -126,3 +126,12 @@ def test_segmentation_dataset_size_mismatch_names_both_files(tmp_path):
     label = save(tmp_path / "l.png", np.zeros((4, 5), np.uint8))
     with pytest.raises(ValueError, match=r"l\.png: label is 5x4 but image .*i\.png is 4x4"):
         SegmentationDataset([Sample("a", str(image), str(label))])[0]
+
+
+def test_data_config_makes_local_paths_absolute_and_keeps_uris(tmp_path, monkeypatch):
+    from pipeline.data.datasets import DataConfig
+
+    monkeypatch.chdir(tmp_path)
+    local = DataConfig("cityscapes", "data/cs", "val", prepared="prep")
+    assert local.root == str(tmp_path / "data" / "cs") and local.prepared == str(tmp_path / "prep")
+    assert DataConfig("gta5", "s3://bucket/gta5").root == "s3://bucket/gta5"
