@@ -26,7 +26,7 @@ from pipeline.data.transforms import normalize
 from pipeline.evaluation import ConfusionMatrix, predict_probs
 from pipeline.experiment import ExperimentConfig
 from pipeline.models import build_model, load_checkpoint
-from pipeline.tracking import ExperimentTracker
+from pipeline.tracking import ExperimentTracker, default_tracking_uri
 
 
 @dataclass
@@ -231,6 +231,7 @@ def ablation_configs(cfg: ExperimentConfig, warmup: StageRecord) -> dict[str, Ex
             cfg,
             name=f"{cfg.name}-ablation-{slug}",
             output=storage.join(cfg.output, slug),
+            tracking_uri=cfg.tracking_uri or default_tracking_uri(cfg.output),  # one store for all variants
             model=dataclasses.replace(cfg.model, init=warmup.checkpoint, init_format="ours"),
             source_only=dataclasses.replace(cfg.source_only, iterations=0),
             adversarial=dataclasses.replace(cfg.adversarial, iterations=0),
