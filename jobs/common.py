@@ -40,7 +40,7 @@ def init_ray() -> None:
     else:
         # A local instance gets at least 4 logical CPUs: on a 2-core machine Ray Data's
         # decode tasks would otherwise wait forever behind the actors (platform notes).
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(num_cpus=max(4, os.cpu_count() or 1))  # its dashboard (127.0.0.1) serves Ray Train's state queries
 
 
 def experiment_tracker(cfg):
