@@ -90,7 +90,8 @@ def legend(classes: Iterable[int], width: int) -> Image.Image:
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = max(measure.textbbox((0, 0), CLASS_NAMES[c], font=font)[2] for c in classes)
-    cell_w, cell_h = SWATCH + 3 + text_w + 2 * PAD, max(SWATCH, measure.textbbox((0, 0), "Ag", font=font)[3]) + PAD
+    text_h = measure.textbbox((0, 0), "Ag", font=font)[3]
+    cell_w, cell_h = SWATCH + 3 + text_w + 2 * PAD, max(SWATCH, text_h) + PAD
     ncols = max(1, (width - PAD) // cell_w)
     nrows = -(-len(classes) // ncols)
     strip = Image.new("RGB", (max(width, cell_w + PAD), nrows * cell_h + PAD), "white")

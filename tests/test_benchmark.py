@@ -27,9 +27,9 @@ def _shares(dom: benchmark.Domain, n: int = 24) -> np.ndarray:
 
 
 def test_same_seed_gives_identical_files_whatever_the_workers(tmp_path):
-    benchmark.generate(str(tmp_path / "a"), seed=3, num_source=3, num_target_train=2, num_target_val=2, workers=1)
-    benchmark.generate(str(tmp_path / "b"), seed=3, num_source=3, num_target_train=2, num_target_val=2, workers=2)
-    benchmark.generate(str(tmp_path / "c"), seed=4, num_source=3, num_target_train=2, num_target_val=2, workers=1)
+    for name, seed, workers in (("a", 3, 1), ("b", 3, 2), ("c", 4, 1)):
+        benchmark.generate(str(tmp_path / name), seed=seed, num_source=3, num_target_train=2,
+                           num_target_val=2, workers=workers)
     a, b, c = (_files(tmp_path / name) for name in "abc")
     assert len(a) == 2 * (3 + 2 + 2)
     assert a == b
@@ -38,7 +38,8 @@ def test_same_seed_gives_identical_files_whatever_the_workers(tmp_path):
 
 
 def test_layout_sizes_and_label_ids(tmp_path):
-    counts = benchmark.generate(str(tmp_path), seed=0, num_source=2, num_target_train=3, num_target_val=3, workers=1)
+    counts = benchmark.generate(str(tmp_path), seed=0, num_source=2, num_target_train=3,
+                                num_target_val=3, workers=1)
     names = set(_files(tmp_path))
     assert {"source/images/00001.png", "source/labels/00002.png"} <= names
     assert "target/leftImg8bit/train/aachen/aachen_000000_000000_leftImg8bit.png" in names

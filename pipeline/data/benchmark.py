@@ -421,7 +421,8 @@ def _tree(canvas, cam, dom, rng, x, z, radius=None) -> None:
                  _color(rng, dom, "trunk"))
     color = _color(rng, dom, "vegetation")
     for _ in range(3):
-        cx, cy = cam.project(x + rng.uniform(-0.5, 0.5) * radius, crown_y + rng.uniform(-0.3, 0.3) * radius, z)
+        dx, dy = rng.uniform(-0.5, 0.5) * radius, rng.uniform(-0.3, 0.3) * radius
+        cx, cy = cam.project(x + dx, crown_y + dy, z)
         r = cam.f * radius * rng.uniform(0.7, 1.0) / z
         canvas.paint(canvas.ellipse(cx, cy, r, r * rng.uniform(0.8, 1.1)), VEGETATION,
                      color * rng.uniform(0.85, 1.1))
@@ -501,7 +502,8 @@ def _vehicle(canvas, cam, dom, rng, kind, x, z, oncoming: bool) -> None:
 def _person(canvas, cam, dom, rng, x, z, label=PERSON, ground=0.0, seated=False) -> None:
     """A person seen from the front or back; `seated` riders have short, bent legs."""
     h = rng.uniform(1.55, 1.9)
-    clothes, trousers, skin = _color(rng, dom, "clothes"), _color(rng, dom, "clothes") * 0.7, _color(rng, dom, "skin")
+    clothes, trousers = _color(rng, dom, "clothes"), _color(rng, dom, "clothes") * 0.7
+    skin = _color(rng, dom, "skin")
     hip = ground + (0.35 if seated else 0.5) * h
     top = hip + 0.5 * h
     stride = 0.0 if seated else rng.uniform(0.0, 0.2)
