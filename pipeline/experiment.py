@@ -31,8 +31,13 @@ class ModelConfig:
     imagenet_backbone: str | None = None  # torchvision resnet101-*.pth, for source-only from scratch
     init: str | None = None  # start the warm-up (or round 1) from this checkpoint instead
     init_format: Literal["ours", "iast"] = "ours"
+    # The released protocol trains an ImageNet backbone at 0.1x the head's lr; a backbone
+    # trained from scratch (the benchmark's small model) needs the full lr.
+    backbone_lr_mult: float = 0.1
 
     def __post_init__(self):
+        if self.backbone_lr_mult <= 0:
+            raise ValueError(f"model.backbone_lr_mult must be > 0, got {self.backbone_lr_mult}")
         self.imagenet_backbone = storage.absolute(self.imagenet_backbone)
         self.init = storage.absolute(self.init)
 
@@ -166,6 +171,7 @@ class ExperimentConfig:
         return TrainConfig(
             stage=stage, name=name, storage=self.train_storage, iterations=iterations, lr=lr,
             arch=self.model.arch, num_classes=self.num_classes, batch_size=batch_size, batchnorm=batchnorm,
+            backbone_lr_mult=self.model.backbone_lr_mult,
             crop_size=self.crop_size, source_crop_heights=self.source_crop_heights,
             target_crop_heights=self.target_crop_heights, checkpoint_every=checkpoint_every,
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -215,6 +216,7 @@ def run_experiment(cfg: ExperimentConfig, tracker: ExperimentTracker, until: str
 ABLATION_VARIANTS = {
     # name: overrides of self_training (selector, regularisation weights)
     "IAS": {},
+    "IAS, gamma 8 (released)": {"gamma": 8.0},
     "CBST": {"selector": "cbst"},
     "constant 0.9": {"selector": "constant", "constant_threshold": 0.9},
     "IAS, no regularisation": {"confident_weight": 0.0, "ignored_weight": 0.0},
@@ -226,7 +228,7 @@ def ablation_configs(cfg: ExperimentConfig, warmup: StageRecord) -> dict[str, Ex
     model, each with its own output folder (``<output>/<variant>``) and MLflow experiment."""
     configs = {}
     for name, changes in ABLATION_VARIANTS.items():
-        slug = name.lower().replace(",", "").replace(" ", "_").replace(".", "")
+        slug = "_".join(re.findall(r"[a-z0-9]+", name.lower()))
         configs[name] = dataclasses.replace(
             cfg,
             name=f"{cfg.name}-ablation-{slug}",

@@ -112,3 +112,20 @@ def test_experiment_checks_every_dataset_and_weights_file_before_any_work(benchm
     with pytest.raises(FileNotFoundError, match="r101.pth"):
         run_experiment(cfg, tracker=None)
     assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_backbone_lr_multiplier_reaches_every_training_stage(benchmark_data, tmp_path):
+    from pipeline.train import _build
+
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{"model.backbone_lr_mult": 1.0,
+                                                                "oracle": {"iterations": 4, "lr": 1e-3}})
+    for stage in (cfg.warmup_config("source_only", None), cfg.warmup_config("oracle", None),
+                  cfg.round_train_config(1, init=None)):
+        assert stage.backbone_lr_mult == 1.0
+        _, optimizer, _ = _build(stage)
+        assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"backbone": stage.lr, "classifier": stage.lr}
+    default = tiny_experiment(benchmark_data, tmp_path / "out").warmup_config("source_only", None)
+    _, optimizer, _ = _build(default)
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone"] == pytest.approx(0.1 * default.lr)
+    with pytest.raises(ValueError, match="model.backbone_lr_mult must be > 0"):
+        tiny_experiment(benchmark_data, tmp_path / "out", **{"model.backbone_lr_mult": 0.0})
