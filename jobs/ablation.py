@@ -1,5 +1,6 @@
-"""Round-1 ablation on one warm-up model: IAS vs CBST vs a constant threshold, and IAS
-with and without the region-guided regularisation.
+"""Round-1 ablation on one warm-up model: IAS vs CBST vs a constant threshold, IAS with
+the released hard-class exponent (γ 8) when the config sets another, and IAS without the
+region-guided regularisation.
 
     python jobs/ablation.py --config configs/benchmark.yaml [key=value ...]    (make ablation)
 
