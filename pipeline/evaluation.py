@@ -120,6 +120,28 @@ class ConfusionMatrix:
             lines.append(f"| {name:<{width}} | {cell:>7} |")
         return "\n".join(lines)
 
+    def confusions(self, k: int = 3) -> dict[str, list[tuple[str, float]]]:
+        """What each class is taken for: per class with ground-truth pixels, the ``k``
+        predicted classes that hold most of them and their shares (fractions), largest
+        first; the class itself is among them when it is predicted often enough."""
+        self._require_cityscapes_classes()
+        out = {}
+        for c, row in enumerate(self.matrix):
+            total = row.sum()
+            if total:
+                top = np.argsort(-row, kind="stable")[:k]
+                out[CLASS_NAMES[c]] = [(CLASS_NAMES[j], float(row[j] / total)) for j in top if row[j]]
+        return out
+
+    def confusion_table(self, k: int = 3) -> str:
+        """Markdown: class | IoU (%) | what its pixels are predicted as (% of its pixels)."""
+        iou = dict(zip(CLASS_NAMES, self.iou()))
+        lines = ["| class | IoU (%) | predicted as (% of the class's pixels) |", "|---|---:|---|"]
+        for name, shares in self.confusions(k).items():
+            where = ", ".join(f"{other} {100 * share:.0f}" for other, share in shares)
+            lines.append(f"| {name} | {100 * iou[name]:.2f} | {where} |")
+        return "\n".join(lines)
+
     def _require_cityscapes_classes(self) -> None:
         if self.num_classes != NUM_CLASSES:
             raise ValueError(

@@ -132,6 +132,22 @@ def test_table_lists_every_class_and_the_means_in_percent():
         ConfusionMatrix(3).table()
 
 
+def test_confusions_name_what_each_class_is_taken_for():
+    cm = ConfusionMatrix()
+    # car (13): 6 pixels called road, 3 car, 1 sidewalk; road: all right; sky: no pixels.
+    target = np.array([13] * 10 + [0] * 4)
+    pred = np.array([0] * 6 + [13] * 3 + [1] + [0] * 4)
+    cm.update(pred, target)
+    conf = cm.confusions(k=2)
+    assert set(conf) == {"road", "car"}  # classes without ground truth are left out
+    assert conf["car"] == [("road", pytest.approx(0.6)), ("car", pytest.approx(0.3))]
+    assert conf["road"] == [("road", 1.0)]  # classes never predicted for it are not listed
+    rows = {line.split("|")[1].strip(): line for line in cm.confusion_table(k=3).splitlines()[2:]}
+    assert rows["car"].split("|")[2:4] == [" 30.00 ", " road 60, car 30, sidewalk 10 "]
+    with pytest.raises(ValueError, match="19"):
+        ConfusionMatrix(3).confusions()
+
+
 # ---------------------------------------------------------- cityscapesScripts agreement
 
 

@@ -1,7 +1,9 @@
 import json
 import os
+import sys
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from pipeline import config, pseudo_label
@@ -9,6 +11,9 @@ from pipeline.experiment import ExperimentConfig
 from pipeline.label_store import LabelStore
 from pipeline.rounds import read_record, run_experiment, run_round, run_warmup
 from pipeline.tracking import ExperimentTracker, comparison_table, default_tracking_uri
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+import confusions  # noqa: E402  (jobs/confusions.py)
 
 
 def tiny_experiment(benchmark_data, output, **overrides) -> ExperimentConfig:
@@ -44,7 +49,7 @@ def _tracker(cfg):
     return ExperimentTracker(default_tracking_uri(cfg.output), cfg.name)
 
 
-def test_chain_is_tracked_and_a_rerun_does_no_work(ray_cluster, benchmark_data, tmp_path):
+def test_chain_is_tracked_and_a_rerun_does_no_work(ray_cluster, benchmark_data, tmp_path, capsys):
     cfg = tiny_experiment(benchmark_data, tmp_path / "out")
     tracker = _tracker(cfg)
     records = run_experiment(cfg, tracker)
@@ -72,6 +77,16 @@ def test_chain_is_tracked_and_a_rerun_does_no_work(ray_cluster, benchmark_data, 
     assert [r.__dict__ for r in again] == [r.__dict__ for r in records]
     assert len(client.search_runs([tracker.experiment_id])) == len(runs)
     assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp
+
+    # the confusions job reads the finished stages back and names where each class's pixels go
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict(cfg)))
+    assert confusions.main(["--config", str(config_file), "--stages", "source_only", "round_2"]) == 0
+    out = capsys.readouterr().out
+    assert f"round_2 ({r2.checkpoint}): val mIoU-19 {100 * r2.metrics['val/mIoU-19']:.2f}" in out
+    assert "| class | IoU (%) | predicted as (% of the class's pixels) |" in out and "\n| road | " in out
+    assert confusions.main(["--config", str(config_file), "--stages", "round_7"]) == 2
+    assert "no finished stage round_7" in capsys.readouterr().err
 
 
 def test_round_resumes_from_a_complete_label_store_without_relabelling(ray_cluster, benchmark_data, tmp_path):
