@@ -13,6 +13,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline import config  # noqa: E402
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_config(cls, doc: str, argv: list[str] | None, extra=None):
     """``--config FILE`` plus ``key.sub=value`` overrides -> a validated ``cls``; exits 2 on
     errors. ``extra(parser)`` adds a job's own options; then (config, args) is returned."""

@@ -13,15 +13,10 @@ import argparse
 import sys
 import time
 
+from common import positive_int
+
 from pipeline.data.benchmark import generate, write_preview
 from pipeline.labels import CLASS_NAMES, NUM_CLASSES
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,10 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="output folder or s3:// URI")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-source", type=_count, default=400)
-    parser.add_argument("--num-target-train", type=_count, default=300)
-    parser.add_argument("--num-target-val", type=_count, default=100)
-    parser.add_argument("--workers", type=_count, help="processes (default: CPU count, at most 8)")
+    parser.add_argument("--num-source", type=positive_int, default=400)
+    parser.add_argument("--num-target-train", type=positive_int, default=300)
+    parser.add_argument("--num-target-val", type=positive_int, default=100)
+    parser.add_argument("--workers", type=positive_int, help="processes (default: CPU count, at most 8)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()

@@ -13,15 +13,10 @@ import argparse
 import os
 import sys
 
+from common import positive_int
+
 from pipeline.data.datasets import DATASETS
 from pipeline.data.prepare import DatasetError, prepare
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", required=True, help="dataset folder or s3:// URI, official layout")
     parser.add_argument("--out", help="where to write trainids/, lists/, stats/ (default: --root)")
     parser.add_argument(
-        "--workers", type=_positive, default=os.cpu_count() or 1,
+        "--workers", type=positive_int, default=os.cpu_count() or 1,
         help="processes decoding frames (default: CPU count)",
     )
     args = parser.parse_args(argv)

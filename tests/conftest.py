@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import uuid
+from types import SimpleNamespace
 
 import pytest
 from s3_server import s3_server  # noqa: F401  (a session fixture: a moto S3 server on loopback)
+
+# Job scripts import their helpers as `python jobs/x.py` lets them: from jobs/ itself.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +66,24 @@ def small_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "small.pt"
     save_checkpoint(str(path), build_model("deeplabv2_small", 19))
     return str(path)
+
+
+@pytest.fixture
+def s3_round_inputs(s3_server, benchmark_data, small_checkpoint, monkeypatch):
+    """A fresh bucket on the test S3 server with the tiny benchmark's target set and the
+    small generator in it; this test's environment points at the server. Returns
+    ``bucket``, ``target`` (the target root URI) and ``generator`` (the weights URI)."""
+    import boto3
+
+    from pipeline import storage
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"round-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    target = f"s3://{bucket}/target"
+    fs, path = storage.filesystem(target)
+    fs.put(str(benchmark_data["target"].root), path, recursive=True)
+    generator = f"s3://{bucket}/weights/small.pt"
+    storage.write_bytes(generator, open(small_checkpoint, "rb").read())
+    return SimpleNamespace(bucket=bucket, target=target, generator=generator)

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
-import boto3
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -26,7 +24,7 @@ from ray_processes import RayNodes
 from s3_server import CREDENTIALS
 from test_rounds import tiny_experiment
 
-from pipeline import config, storage
+from pipeline import config
 from pipeline.rounds import read_record
 from pipeline.tracking import default_tracking_uri
 
@@ -50,17 +48,9 @@ def _stage_outputs(out) -> dict[str, int]:
 
 @pytest.mark.slow  # 110-130 s on the shared 2-core machine: a head, two jobs, a Ray Train run
 def test_a_submitted_round_is_tracked_in_mlflow_and_a_resubmitted_one_does_no_work(
-    s3_server, benchmark_data, small_checkpoint, tmp_path, monkeypatch
+    s3_server, s3_round_inputs, benchmark_data, tmp_path
 ):
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
-    bucket = f"job-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    target = f"s3://{bucket}/target"
-    fs, path = storage.filesystem(target)
-    fs.put(str(benchmark_data["target"].root), path, recursive=True)
-    generator = f"s3://{bucket}/weights/small.pt"
-    storage.write_bytes(generator, open(small_checkpoint, "rb").read())
+    target, generator = s3_round_inputs.target, s3_round_inputs.generator
 
     cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{
         "data.target.root": target, "data.val.root": target, "model.init": generator,

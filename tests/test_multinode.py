@@ -15,9 +15,7 @@ import dataclasses
 import os
 import subprocess
 import sys
-import uuid
 
-import boto3
 import pytest
 import yaml
 from ray_processes import RayNodes
@@ -32,17 +30,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_a_round_spreads_over_two_nodes_and_labels_as_on_one(
-    ray_cluster, s3_server, benchmark_data, small_checkpoint, tmp_path, monkeypatch
+    ray_cluster, s3_server, s3_round_inputs, benchmark_data, tmp_path
 ):
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
-    bucket = f"multinode-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    target = f"s3://{bucket}/target"
-    fs, path = storage.filesystem(target)
-    fs.put(str(benchmark_data["target"].root), path, recursive=True)
-    generator = f"s3://{bucket}/weights/small.pt"
-    storage.write_bytes(generator, open(small_checkpoint, "rb").read())
+    bucket, target, generator = s3_round_inputs.bucket, s3_round_inputs.target, s3_round_inputs.generator
 
     cfg = tiny_experiment(benchmark_data, f"s3://{bucket}/out", **{
         "data.target.root": target, "data.val.root": target, "model.init": generator,

@@ -1,7 +1,7 @@
 import json
 import os
-import sys
 
+import confusions  # jobs/confusions.py: conftest puts jobs/ on the path
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -11,9 +11,6 @@ from pipeline.experiment import ExperimentConfig
 from pipeline.label_store import LabelStore
 from pipeline.rounds import read_record, run_experiment, run_round, run_warmup
 from pipeline.tracking import ExperimentTracker, comparison_table, default_tracking_uri
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
-import confusions  # noqa: E402  (jobs/confusions.py)
 
 
 def tiny_experiment(benchmark_data, output, **overrides) -> ExperimentConfig:

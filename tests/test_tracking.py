@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +16,6 @@ from pipeline.evaluation import ConfusionMatrix
 from pipeline.labels import CLASS_NAMES, NUM_CLASSES
 from pipeline.pseudo_label import selection_statistics
 from pipeline.tracking import ExperimentTracker, comparison_table, default_tracking_uri
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
 
 
 @pytest.fixture(scope="module")
