@@ -181,10 +181,13 @@ class ExperimentConfig:
 
     def warmup_config(self, stage: Literal["source_only", "adversarial", "oracle"], init: str | None) -> TrainConfig:
         s: StageConfig = getattr(self, stage)
-        weights = {"init": init, "init_format": "ours"} if init else {
-            "init": self.model.init, "init_format": self.model.init_format,
-            "imagenet_backbone": self.model.imagenet_backbone,
-        }
+        if init:
+            weights = {"init": init, "init_format": "ours"}
+        elif stage == "oracle":  # an upper bound trained on target labels: never from a warm-up checkpoint
+            weights = {"imagenet_backbone": self.model.imagenet_backbone}
+        else:
+            weights = {"init": self.model.init, "init_format": self.model.init_format,
+                       "imagenet_backbone": self.model.imagenet_backbone}
         return self._train(
             stage, stage, s.iterations, s.lr, s.batch_size, s.batchnorm, s.checkpoint_every,
             source=self.data.source if stage != "oracle" else None,

@@ -141,3 +141,12 @@ def test_backbone_lr_multiplier_reaches_every_training_stage(benchmark_data, tmp
     assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone"] == pytest.approx(0.1 * default.lr)
     with pytest.raises(ValueError, match="model.backbone_lr_mult must be > 0"):
         tiny_experiment(benchmark_data, tmp_path / "out", **{"model.backbone_lr_mult": 0.0})
+
+
+def test_oracle_starts_from_the_backbone_not_from_the_warm_up_checkpoint(benchmark_data, tmp_path):
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{
+        "model.init": str(tmp_path / "warmup.pt"), "model.imagenet_backbone": str(tmp_path / "r101.pth"),
+        "oracle": {"iterations": 4, "lr": 1e-3}})
+    source_only, oracle = cfg.warmup_config("source_only", None), cfg.warmup_config("oracle", None)
+    assert source_only.init == str(tmp_path / "warmup.pt")
+    assert oracle.init is None and oracle.imagenet_backbone == str(tmp_path / "r101.pth")
