@@ -46,6 +46,9 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
+        # Ray Train workers otherwise print every line of ours twice (once through their
+        # print patch's logger); the local instance's workers inherit this environment.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         # A local instance gets at least 4 logical CPUs: on a 2-core machine Ray Data's
         # decode tasks would otherwise wait forever behind the actors (platform notes).
         ray.init(num_cpus=max(4, os.cpu_count() or 1))  # its dashboard (127.0.0.1) serves Ray Train's state queries
