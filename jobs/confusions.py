@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from common import parse_config
+from common import parse_config, positive_int
 
 from pipeline.data.datasets import SegmentationDataset
 from pipeline.evaluation import evaluate
@@ -22,7 +22,7 @@ from pipeline.rounds import read_record
 def _options(parser) -> None:
     parser.add_argument("--stages", nargs="+", required=True,
                         help="finished stages: source_only, adversarial, round_1 ... round_N, oracle")
-    parser.add_argument("--top", type=int, default=3, help="classes listed per class (default 3)")
+    parser.add_argument("--top", type=positive_int, default=3, help="classes listed per class (default 3)")
 
 
 def main(argv: list[str] | None = None) -> int:
