@@ -1,6 +1,7 @@
 """Round-1 ablation on one warm-up model: IAS vs CBST vs a constant threshold, IAS with
 the released hard-class exponent (γ 8) when the config sets another, and IAS without the
-region-guided regularisation.
+region-guided regularisation; and, as a diagnostic upper bound, the pixels IAS selects
+with their true classes (needs the target's labels; not a method).
 
     python jobs/ablation.py --config configs/benchmark.yaml [key=value ...]    (make ablation)
 

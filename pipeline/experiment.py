@@ -96,6 +96,9 @@ class SelfTrainingConfig:
     instance_size: int = 1
     cbst_portion: float = 0.2
     constant_threshold: float = 0.9
+    # "ground_truth": the selected pixels take their true class, an upper bound for
+    # diagnosis only (see pipeline.pseudo_label.SelectorConfig); needs target labels.
+    label_values: Literal["prediction", "ground_truth"] = "prediction"
     confident_weight: float = 0.1
     ignored_weight: float = 3.0
     # Round r's weights come from round r-1's final checkpoint (round 1: the warm-up). The
@@ -212,7 +215,7 @@ class ExperimentConfig:
             test_sizes=st.label_test_sizes, flip=st.label_flip,
             selector=SelectorConfig(
                 name=st.selector, alpha=r.alpha, beta=st.beta, gamma=st.gamma, instance_size=st.instance_size,
-                portion=st.cbst_portion, threshold=st.constant_threshold,
+                portion=st.cbst_portion, threshold=st.constant_threshold, label_values=st.label_values,
             ),
             num_workers=c.label_workers, gpus_per_worker=c.gpus_per_label_worker,
             cpus_per_worker=c.cpus_per_label_worker, round=round_index,

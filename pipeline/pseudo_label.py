@@ -39,6 +39,7 @@ from pipeline.models import build_model, load_checkpoint
 from pipeline.visualize import preview_row, save_png
 
 SELECTORS = ("ias", "cbst", "constant")
+LABEL_VALUES = ("prediction", "ground_truth")
 
 
 @dataclass
@@ -52,10 +53,17 @@ class SelectorConfig:
     instance_size: int = 1  # IAS: images per instance (the released code used 2)
     portion: float = 0.2  # CBST: share of each class's pixels kept
     threshold: float = 0.9  # constant threshold
+    # What a selected pixel is labelled with: the generator's class (the method), or, as a
+    # diagnostic upper bound, its ground-truth class (needs target labels). The gap between
+    # the two is what the selected pixels' wrong labels cost; it measures the generator's
+    # confident mistakes apart from which pixels the selector keeps.
+    label_values: str = "prediction"
 
     def __post_init__(self):
         if self.name not in SELECTORS:
             raise ValueError(f"unknown selector {self.name!r}; choose one of {', '.join(SELECTORS)}")
+        if self.label_values not in LABEL_VALUES:
+            raise ValueError(f"unknown label_values {self.label_values!r}; choose one of {', '.join(LABEL_VALUES)}")
 
     def params(self) -> dict:
         """The parameters that matter for the chosen selector (for hashes and logs)."""
@@ -64,7 +72,10 @@ class SelectorConfig:
             "cbst": ("portion",),
             "constant": ("threshold",),
         }[self.name]
-        return {"name": self.name, **{k: getattr(self, k) for k in keys}}
+        params = {"name": self.name, **{k: getattr(self, k) for k in keys}}
+        if self.label_values != "prediction":  # the method's stores keep their hashes
+            params["label_values"] = self.label_values
+        return params
 
 
 @dataclass
@@ -315,6 +326,10 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
                     store.write_labels(part, rows, metadata)
                     rows, part = [], r.index // cfg.part_size
                 label = selectors.select(r.confidence, r.prediction, theta)
+                if cfg.selector.label_values == "ground_truth":
+                    if r.ground_truth is None:
+                        raise ValueError(f"selector.label_values=ground_truth: no ground truth was read for {r.image}")
+                    label = np.where(label != IGNORE_INDEX, r.ground_truth, IGNORE_INDEX).astype(np.uint8)
                 kept = np.bincount(label[label != IGNORE_INDEX], minlength=k)[:k]
                 correct = None
                 if r.ground_truth is not None:  # precision over kept pixels that have ground truth
@@ -383,6 +398,13 @@ def run(cfg: PseudoLabelConfig) -> dict:
         raise ValueError(f"no target images to pseudo-label in {cfg.target.root} ({cfg.target.split})")
     if not storage.exists(cfg.checkpoint):
         raise FileNotFoundError(f"generator checkpoint {cfg.checkpoint} not found")
+    unlabelled = [s.name for s in samples if s.label is None]
+    if cfg.selector.label_values == "ground_truth" and unlabelled:
+        raise ValueError(
+            f"selector.label_values=ground_truth needs the target's labels, but {len(unlabelled)} image(s) of "
+            f"{cfg.target.root} ({cfg.target.split}) have none, e.g. {unlabelled[0]}: use a labelled split "
+            "or label_values=prediction"
+        )
     store = LabelStore(cfg.store)
     settings = prediction_settings(cfg, samples)
     selection = cfg.selector.params()

@@ -220,6 +220,10 @@ ABLATION_VARIANTS = {
     "CBST": {"selector": "cbst"},
     "constant 0.9": {"selector": "constant", "constant_threshold": 0.9},
     "IAS, no regularisation": {"confident_weight": 0.0, "ignored_weight": 0.0},
+    # Not a method: the same selected pixels with their true classes. Its distance to "IAS"
+    # is what the generator's confident mistakes cost; its distance to the oracle is what
+    # the unselected pixels would add.
+    "IAS pixels, true classes (upper bound)": {"label_values": "ground_truth"},
 }
 
 

@@ -120,3 +120,42 @@ def test_skip_unreadable_counts_and_excludes_the_image(ray_cluster, benchmark_da
     assert manifest["num_images"] == 9
     names = LabelStore(str(tmp_path / "s")).read_labels(columns=["name"]).column("name").to_pylist()
     assert samples[2].name not in names and len(names) == 9
+
+
+def test_true_classes_at_the_selected_pixels_is_an_upper_bound_diagnostic(
+    ray_cluster, benchmark_data, small_checkpoint, tmp_path
+):
+    target = benchmark_data["target"]
+    # CBST keeps about half of each class's pixels (IAS keeps none of a random model's: its
+    # confidences never approach the 0.9 start); the relabelling is the same for every selector.
+    method = run(_cfg(tmp_path / "pred", target, small_checkpoint, selector=SelectorConfig("cbst", portion=0.5)))
+    truth_selector = SelectorConfig("cbst", portion=0.5, label_values="ground_truth")
+    truth = run(_cfg(tmp_path / "truth", target, small_checkpoint, selector=truth_selector))
+    pred_rows, predictions = _store_rows(str(tmp_path / "pred"))
+    truth_rows, _ = _store_rows(str(tmp_path / "truth"))
+    changed = 0
+    for p, t, prediction in zip(pred_rows, truth_rows, predictions):
+        gt = np.frombuffer(prediction["ground_truth"], np.uint8).reshape(p["height"], p["width"])
+        selected, relabelled = decode_label(p), decode_label(t)
+        assert p["thresholds"] == t["thresholds"]  # the same selection ...
+        assert np.array_equal(relabelled, np.where(selected != 255, gt, 255))  # ... with the true classes
+        changed += int(((selected != relabelled) & (selected != 255) & (gt != 255)).sum())
+    assert changed > 0  # the random generator's kept labels were partly wrong
+    assert 0.2 < method["statistics"]["coverage_all"] < 0.8
+    assert method["statistics"]["precision_all"] < 1.0
+    assert truth["statistics"]["precision_all"] == 1.0
+    assert truth["selector"]["label_values"] == "ground_truth" and "label_values" not in method["selector"]
+    assert truth["config_hash"] != method["config_hash"]
+
+
+def test_true_classes_need_target_labels_and_a_known_mode(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
+    target = _copy_target(benchmark_data, tmp_path)
+    lists = Path(target.root, "lists", "cityscapes_train.txt")
+    lines = lists.read_text().splitlines()
+    lists.write_text("".join("\t".join(line.split("\t")[:2]) + "\n" for line in lines))  # an unlabelled split
+    selector = SelectorConfig("ias", label_values="ground_truth")
+    with pytest.raises(ValueError, match="needs the target's labels.*" + lines[0].split("\t")[0]):
+        run(_cfg(tmp_path / "s", target, small_checkpoint, selector=selector))
+    assert not (tmp_path / "s").exists()  # refused before any prediction
+    with pytest.raises(ValueError, match="label_values"):
+        SelectorConfig("ias", label_values="truth")

@@ -150,3 +150,18 @@ def test_oracle_starts_from_the_backbone_not_from_the_warm_up_checkpoint(benchma
     source_only, oracle = cfg.warmup_config("source_only", None), cfg.warmup_config("oracle", None)
     assert source_only.init == str(tmp_path / "warmup.pt")
     assert oracle.init is None and oracle.imagenet_backbone == str(tmp_path / "r101.pth")
+
+
+def test_ablation_has_the_true_class_upper_bound_and_the_setting_is_checked(benchmark_data, tmp_path):
+    from pipeline.rounds import StageRecord, ablation_configs
+
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out")
+    assert cfg.round_label_config(1, "g.pt").selector.label_values == "prediction"  # the method by default
+    variants = ablation_configs(cfg, StageRecord("source_only", str(tmp_path / "w.pt"), {}))
+    label_values = {name: v.round_label_config(1, "g.pt").selector.label_values for name, v in variants.items()}
+    assert [n for n, v in label_values.items() if v == "ground_truth"] == ["IAS pixels, true classes (upper bound)"]
+    upper = variants["IAS pixels, true classes (upper bound)"]
+    assert upper.round_label_config(1, "g.pt").selector.name == "ias"
+    assert upper.output != variants["IAS"].output
+    with pytest.raises(config.ConfigError, match="self_training.label_values"):
+        tiny_experiment(benchmark_data, tmp_path, **{"self_training.label_values": "truth"})
