@@ -398,8 +398,8 @@ def run(cfg: PseudoLabelConfig) -> dict:
         raise ValueError(f"no target images to pseudo-label in {cfg.target.root} ({cfg.target.split})")
     if not storage.exists(cfg.checkpoint):
         raise FileNotFoundError(f"generator checkpoint {cfg.checkpoint} not found")
-    unlabelled = [s.name for s in samples if s.label is None]
-    if cfg.selector.label_values == "ground_truth" and unlabelled:
+    unlabelled = [s.name for s in samples if s.label is None] if cfg.selector.label_values == "ground_truth" else []
+    if unlabelled:
         raise ValueError(
             f"selector.label_values=ground_truth needs the target's labels, but {len(unlabelled)} image(s) of "
             f"{cfg.target.root} ({cfg.target.split}) have none, e.g. {unlabelled[0]}: use a labelled split "
