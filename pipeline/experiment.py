@@ -85,6 +85,23 @@ class RoundConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """HIAST's teacher-student consistency (reference §4): the student trains on strong
+    views (3 of 8 colour operations on the weak view); an EMA teacher, a fresh copy of the
+    round's initial weights, predicts on the weak views, and its soft predictions supervise
+    the student on the pixels without a pseudo-label (L_cst)."""
+
+    weight: float = 0.5
+    teacher_momentum: float = 0.999  # per step
+
+    def __post_init__(self):
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if not 0 <= self.teacher_momentum < 1:
+            raise ValueError(f"teacher_momentum must be in [0, 1), got {self.teacher_momentum}")
+
+
+@dataclass
 class SelfTrainingConfig:
     rounds: list[RoundConfig]
     iterations: int  # per round
@@ -101,6 +118,7 @@ class SelfTrainingConfig:
     label_values: Literal["prediction", "ground_truth"] = "prediction"
     confident_weight: float = 0.1
     ignored_weight: float = 3.0
+    consistency: ConsistencyConfig | None = None  # set: HIAST's training; null: IAST's
     # Round r's weights come from round r-1's final checkpoint (round 1: the warm-up). The
     # released code labels round r+1 with an earlier checkpoint of round r; here both
     # choices are explicit and logged.
@@ -200,10 +218,12 @@ class ExperimentConfig:
 
     def round_train_config(self, round_index: int, init: str) -> TrainConfig:
         st, r = self.self_training, self.self_training.rounds[round_index - 1]
+        c = st.consistency
+        hiast = {"teacher_momentum": c.teacher_momentum, "consistency_weight": c.weight} if c else {}
         return self._train(
             "self_training", f"round_{round_index}", st.iterations, r.lr, st.batch_size, st.batchnorm,
             st.checkpoint_every, init=init, label_store=self.label_store(round_index),
-            confident_weight=st.confident_weight, ignored_weight=st.ignored_weight,
+            confident_weight=st.confident_weight, ignored_weight=st.ignored_weight, **hiast,
         )
 
     def round_label_config(self, round_index: int, generator: str) -> PseudoLabelConfig:

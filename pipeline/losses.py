@@ -1,5 +1,5 @@
-"""Training losses: cross-entropy, IAST's region-guided self-training loss (reference §2)
-and the LSGAN losses of the output-space adversarial warm-up (reference §5).
+"""Training losses: cross-entropy, IAST's region-guided self-training loss (reference §2),
+HIAST's teacher-student consistency (reference §4) and the LSGAN losses of the output-space adversarial warm-up (reference §5).
 
 Every mean is taken over the whole batch (all images' pixels pooled), as in the released
 code, and an empty region contributes 0 instead of the released code's 0/0 = NaN.
@@ -103,6 +103,31 @@ def region_guided_loss(
 
     total = seg + weight_confident * confident_reg + weight_ignored * ignored_reg
     return RegionGuidedLoss(total=total, seg=seg, confident=confident_reg, ignored=ignored_reg)
+
+
+def consistency_loss(
+    student_logits: Tensor,
+    teacher_probs: Tensor,
+    pseudo_label: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """HIAST's L_cst: soft cross-entropy from the teacher's softmax on the weak view to the
+    student's on the strong view, over the pixels without a pseudo-label only:
+
+        L_cst = (1/|I|) Σ_{i∈I} Σ_k -q_ik·log p_ik,   q = teacher probabilities (no gradient)
+
+    0 (with zero gradient) when every pixel of the batch is labelled.
+    """
+    pseudo_label = _check_logits_and_label(student_logits, pseudo_label, ignore_index)
+    if teacher_probs.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher probabilities {tuple(teacher_probs.shape)} and student logits "
+            f"{tuple(student_logits.shape)} must have the same shape"
+        )
+    ignored = pseudo_label == ignore_index
+    log_p = F.log_softmax(_at_least_fp32(student_logits), dim=1)
+    soft_ce = -(teacher_probs.detach().float() * log_p).sum(dim=1)
+    return (soft_ce * ignored).sum() / ignored.sum().clamp(min=1)
 
 
 def discriminator_loss(d_source: Tensor, d_target: Tensor) -> Tensor:

@@ -3,7 +3,9 @@
 - ``source_only``: cross-entropy on the labelled source set;
 - ``adversarial``: output-space adversarial warm-up (LSGAN) from a source-only model;
 - ``self_training``: one IAST round on the target images and a label store, with the
-  region-guided loss (target only, as in the released code);
+  region-guided loss (target only, as in the released code); with ``teacher_momentum``
+  set, HIAST's version: the student learns on strong views of the images, and an EMA
+  teacher's predictions on the weak views supervise the pixels without a pseudo-label;
 - ``oracle``: supervised on the labelled target set (the benchmark's upper bound).
 
 Each worker reads its own shard of the data with a per-worker DataLoader; the stream of
@@ -16,6 +18,7 @@ from it.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -33,11 +36,17 @@ from PIL import Image
 from pipeline import config as config_lib
 from pipeline import distributed, storage
 from pipeline.data.datasets import DataConfig, Sample, load_image, load_label
-from pipeline.data.transforms import eval_transform, train_transform
+from pipeline.data.transforms import eval_transform, train_transform, weak_strong_transform
 from pipeline.evaluation import ConfusionMatrix, predict_probs
 from pipeline.label_store import LabelStore, decode_label
 from pipeline.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
-from pipeline.losses import adversarial_loss, cross_entropy, discriminator_loss, region_guided_loss
+from pipeline.losses import (
+    adversarial_loss,
+    consistency_loss,
+    cross_entropy,
+    discriminator_loss,
+    region_guided_loss,
+)
 from pipeline.models import (
     build_model,
     load_checkpoint,
@@ -79,6 +88,10 @@ class TrainConfig:
     target_crop_heights: tuple[int, int] = (341, 1000)
     confident_weight: float = 0.1  # region-guided regularisation (self_training)
     ignored_weight: float = 3.0
+    # HIAST (self_training only): EMA momentum of the teacher, updated every step; None
+    # trains IAST's way (one view, no teacher).
+    teacher_momentum: float | None = None
+    consistency_weight: float = 0.5  # of L_cst, with a teacher
     adversarial_weight: float = 0.05
     discriminator_lr: float = 2e-5
     checkpoint_every: int = 500
@@ -98,6 +111,11 @@ class TrainConfig:
             setattr(self, key, storage.absolute(getattr(self, key)))
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.teacher_momentum is not None:
+            if self.stage != "self_training":
+                raise ValueError(f"teacher_momentum applies to self_training only, not to {self.stage}")
+            if not 0 <= self.teacher_momentum < 1:
+                raise ValueError(f"teacher_momentum must be in [0, 1), got {self.teacher_momentum}")
         if self.batch_size % self.num_workers:
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by num_workers {self.num_workers}"
@@ -204,10 +222,12 @@ def _pseudo_labelled_loader(store_uri: str):
     return load, len(rows)
 
 
-def _loader(source, crop_heights, cfg: TrainConfig, start: int, salt: int):
+def _loader(source, crop_heights, cfg: TrainConfig, start: int, salt: int, two_views: bool = False):
+    """Batches of (image, label), or of (weak, strong, label) with ``two_views``."""
     load, size = source
     rank, world = distributed.rank(), distributed.world_size()
-    transform = train_transform(tuple(crop_heights), (cfg.crop_size[1], cfg.crop_size[0]))
+    make = weak_strong_transform if two_views else train_transform
+    transform = make(tuple(crop_heights), (cfg.crop_size[1], cfg.crop_size[0]))
     dataset = _Stream(load, size, transform, cfg.seed + salt, rank, world)
     per_worker = cfg.batch_size // world
     loader = torch.utils.data.DataLoader(
@@ -248,6 +268,25 @@ def _build(cfg: TrainConfig):
     return model, optimizer, scheduler
 
 
+def _make_teacher(model: torch.nn.Module) -> torch.nn.Module:
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """teacher <- momentum·teacher + (1 - momentum)·student, for the weights and the
+    BatchNorm statistics alike (the teacher runs in eval mode, on its own statistics);
+    integer buffers (BN's batch counters) are copied."""
+    taught = student.state_dict()
+    for name, value in teacher.state_dict().items():
+        if value.dtype.is_floating_point:
+            value.mul_(momentum).add_(taught[name].detach(), alpha=1 - momentum)
+        else:
+            value.copy_(taught[name])
+
+
 def _save(cfg, step, model, optimizer, scheduler, extra_modules, metrics):
     """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all of them)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -261,7 +300,8 @@ def _save(cfg, step, model, optimizer, scheduler, extra_modules, metrics):
             }
             for name, (module, opt) in extra_modules.items():
                 extras[name] = module.state_dict()
-                extras[f"{name}_optimizer"] = opt.state_dict()
+                if opt is not None:
+                    extras[f"{name}_optimizer"] = opt.state_dict()
             save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), distributed.unwrap(model), **extras)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
@@ -277,7 +317,8 @@ def _restore(model, optimizer, scheduler, extra_modules) -> int:
     scheduler.load_state_dict(state["scheduler"])
     for name, (module, opt) in extra_modules.items():
         module.load_state_dict(state[name])
-        opt.load_state_dict(state[f"{name}_optimizer"])
+        if opt is not None:
+            opt.load_state_dict(state[f"{name}_optimizer"])
     return int(state["step"])
 
 
@@ -314,7 +355,11 @@ def train_loop(loop_config: dict) -> None:
     rank = distributed.rank()
 
     model, optimizer, scheduler = _build(cfg)
-    extra_modules = {}
+    extra_modules = {}  # name -> (module, its optimizer or None), checkpointed with the model
+    teacher = None
+    if cfg.teacher_momentum is not None:  # a fresh copy of the round's initial weights
+        teacher = _make_teacher(model).to(device)
+        extra_modules["teacher"] = (teacher, None)
     if cfg.stage == "adversarial":
         discriminator = OutputSpaceDiscriminator(cfg.num_classes).to(device)
         d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg.discriminator_lr, betas=(0.9, 0.99))
@@ -327,7 +372,8 @@ def train_loop(loop_config: dict) -> None:
     elif cfg.stage == "oracle":
         main = _loader(_labelled_loader(cfg.target.samples()), cfg.target_crop_heights, cfg, start, 0)
     else:
-        main = _loader(_pseudo_labelled_loader(cfg.label_store), cfg.target_crop_heights, cfg, start, 0)
+        main = _loader(_pseudo_labelled_loader(cfg.label_store), cfg.target_crop_heights, cfg, start, 0,
+                       two_views=teacher is not None)
     target = None
     if cfg.stage == "adversarial":
         target = _loader(_unlabelled_loader(cfg.target.samples()), cfg.target_crop_heights, cfg, start, 1)
@@ -347,10 +393,11 @@ def train_loop(loop_config: dict) -> None:
     t_log = time.perf_counter()
     for step in range(start + 1, cfg.iterations + 1):
         t0 = time.perf_counter()
-        x, y = next(main)
+        batch = next(main)
         xt = next(target)[0] if target is not None else None
         t1 = time.perf_counter()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        batch = [t.to(device, non_blocking=True) for t in batch]
+        x, y = batch[-2], batch[-1]  # with a teacher, batch = (weak, strong, label): x is strong
         optimizer.zero_grad(set_to_none=True)
         terms: dict[str, torch.Tensor] = {}
         with autocast():
@@ -359,6 +406,12 @@ def train_loop(loop_config: dict) -> None:
                 parts = region_guided_loss(logits, y, IGNORE_INDEX, cfg.confident_weight, cfg.ignored_weight)
                 loss = parts.total
                 terms.update(seg=parts.seg, confident_reg=parts.confident, ignored_reg=parts.ignored)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_probs = teacher(batch[0]).float().softmax(1)
+                consistency = consistency_loss(logits, teacher_probs, y)
+                loss = loss + cfg.consistency_weight * consistency
+                terms["consistency"] = consistency
             else:
                 loss = cross_entropy(logits, y)
                 terms["seg"] = loss
@@ -386,6 +439,8 @@ def train_loop(loop_config: dict) -> None:
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if teacher is not None:
+            ema_update(teacher, distributed.unwrap(model), cfg.teacher_momentum)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()

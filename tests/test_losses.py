@@ -9,6 +9,7 @@ from torch import nn
 from pipeline.labels import IGNORE_INDEX, NUM_CLASSES
 from pipeline.losses import (
     adversarial_loss,
+    consistency_loss,
     cross_entropy,
     discriminator_loss,
     region_guided_loss,
@@ -237,3 +238,36 @@ def test_discriminator_learns_to_separate_domains():
     assert losses[-1] < 0.25 * losses[0]
     # the generator's loss rises as the discriminator tells the domains apart
     assert adversarial_loss(d(target)).item() > fooled_before + 0.2
+
+
+def test_consistency_loss_is_soft_cross_entropy_on_ignored_pixels_only():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5, requires_grad=True)
+    teacher = torch.randn(2, 4, 3, 5).softmax(1)
+    label = torch.randint(0, 4, (2, 3, 5))
+    label[0, 0] = IGNORE_INDEX
+    label[1, :, :2] = IGNORE_INDEX
+    loss = consistency_loss(logits, teacher, label)
+    # by hand: mean over the ignored pixels of -sum_k q_k log p_k
+    log_p = np.log(logits.detach().double().softmax(1).numpy())
+    soft_ce = -(teacher.double().numpy() * log_p).sum(1)
+    expected = soft_ce[label.numpy() == IGNORE_INDEX].mean()
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    labelled = (label != IGNORE_INDEX).unsqueeze(1).expand_as(logits)
+    assert logits.grad[labelled].abs().max() == 0  # labelled pixels get no gradient from it
+    assert logits.grad[~labelled].abs().max() > 0
+    # minimised by the teacher's own distribution
+    at_teacher = consistency_loss(teacher.log(), teacher, label)
+    assert at_teacher < loss
+
+
+def test_consistency_loss_is_zero_without_ignored_pixels_and_checks_shapes():
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    teacher = torch.full((1, 3, 2, 2), 1 / 3)
+    loss = consistency_loss(logits, teacher, torch.zeros(1, 2, 2, dtype=torch.long))
+    assert loss.item() == 0
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().max() == 0
+    with pytest.raises(ValueError, match="same shape"):
+        consistency_loss(logits, teacher[:, :2], torch.zeros(1, 2, 2, dtype=torch.long))

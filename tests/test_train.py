@@ -8,7 +8,9 @@ import torch
 
 from pipeline import config
 from pipeline.label_store import LabelStore
-from pipeline.train import TrainConfig, check_config, fit
+from pipeline.pseudo_label import PseudoLabelConfig, SelectorConfig
+from pipeline.pseudo_label import run as make_labels
+from pipeline.train import TrainConfig, check_config, ema_update, fit
 
 
 def _cfg(tmp_path, benchmark_data, **kw):
@@ -94,3 +96,57 @@ def test_bad_configs_fail_before_training(benchmark_data, tmp_path):
         check_config(wrong)
     with pytest.raises(ValueError, match="needs `target`"):
         check_config(_cfg(tmp_path, benchmark_data, stage="oracle"))
+
+
+def test_ema_update_moves_weights_and_batchnorm_statistics():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    student(torch.randn(2, 3, 5, 5))  # moves the student's running statistics and counter
+    with torch.no_grad():
+        student[1].weight.mul_(2)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update(teacher, student, 0.9)
+    after, taught = teacher.state_dict(), student.state_dict()
+    for key in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
+        torch.testing.assert_close(after[key], 0.9 * before[key] + 0.1 * taught[key])
+        assert not torch.equal(after[key], taught[key])
+    assert after["1.num_batches_tracked"] == taught["1.num_batches_tracked"] == 1
+
+
+def test_hiast_round_learns_against_an_ema_teacher_and_resumes_it(ray_cluster, benchmark_data, small_checkpoint,
+                                                                   tmp_path):
+    store = str(tmp_path / "labels")
+    make_labels(PseudoLabelConfig(target=benchmark_data["target"], store=store, checkpoint=small_checkpoint,
+                                  arch="deeplabv2_small", size=(128, 64),
+                                  selector=SelectorConfig(alpha=0.5, gamma=0.0)))
+    kw = dict(stage="self_training", source=None, label_store=store, init=small_checkpoint, iterations=4,
+              teacher_momentum=0.9, consistency_weight=0.5, max_failures=0)
+
+    def crash(step, model):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+
+    straight = fit(_cfg(tmp_path, benchmark_data, name="straight", **kw))
+    with pytest.raises(Exception, match="simulated crash"):
+        fit(_cfg(tmp_path, benchmark_data, name="resumed", **kw), on_step=crash)
+    resumed = fit(_cfg(tmp_path, benchmark_data, name="resumed", **kw))  # from the step-2 checkpoint
+
+    assert straight.metrics["train/consistency"] > 0
+    state, again = (torch.load(r.checkpoint, weights_only=True) for r in (straight, resumed))
+    init = torch.load(small_checkpoint, weights_only=True)["model"]
+    key = "classifier.convs.0.weight"
+    # the teacher is checkpointed and restored: the resumed run ends with the same teacher
+    for name, value in state["teacher"].items():
+        assert torch.equal(value, again["teacher"][name]), name
+        assert torch.equal(state["model"][name], again["model"][name]), name
+    # it trails the student: moved from the initial weights, not as far as the student
+    teacher, student, start = state["teacher"][key], state["model"][key], init[key]
+    assert 0 < (teacher - start).norm() < (student - start).norm()
+
+
+def test_teacher_only_for_self_training(benchmark_data, tmp_path):
+    with pytest.raises(ValueError, match="self_training only"):
+        _cfg(tmp_path, benchmark_data, teacher_momentum=0.99)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        _cfg(tmp_path, benchmark_data, stage="self_training", teacher_momentum=1.0)

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.data.transforms import (
+    COLOUR_OPS,
     GTA5_CROP_HEIGHTS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -10,9 +12,11 @@ from pipeline.data.transforms import (
     RandomBrightnessContrast,
     RandomHorizontalFlip,
     RandomSizedCrop,
+    StrongColour,
     eval_transform,
     normalize,
     train_transform,
+    weak_strong_transform,
 )
 
 
@@ -200,3 +204,59 @@ def test_bad_inputs_are_rejected():
         transform(image, label.astype(np.float32), rng)
     with pytest.raises(ValueError, match="height_range"):
         RandomSizedCrop((500, 400))
+
+
+def _to_uint8(view: torch.Tensor) -> np.ndarray:
+    """Inverse of normalize (to the nearest integer)."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((view * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("name", sorted(COLOUR_OPS))
+def test_each_colour_op_keeps_shape_and_changes_colours_only(name):
+    image, _ = _sample(40, 60)
+    image[:20] = 200  # a flat region as well as noise
+    out = np.asarray(COLOUR_OPS[name](Image.fromarray(image), np.random.default_rng(3)))
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, image)  # every op does something to this image
+    if name != "blur":  # the others are per-pixel maps: equal colours stay equal
+        assert len(np.unique(out[:20].reshape(-1, 3), axis=0)) == 1
+
+
+def test_strong_colour_applies_num_ops_each_with_probability_p():
+    image, _ = _sample(16, 16)
+    never = StrongColour(num_ops=3, p=0.0)
+    assert np.array_equal(never(image, np.random.default_rng(0)), image)
+    changed = [not np.array_equal(StrongColour(3, 0.5)(image, np.random.default_rng(s)), image) for s in range(100)]
+    assert 75 < sum(changed) < 100  # unchanged only when none of the 3 draws fires (1/8)
+    with pytest.raises(ValueError, match="num_ops"):
+        StrongColour(num_ops=9)
+
+
+def test_weak_and_strong_views_share_geometry_and_labels():
+    # 8x8 blocks: label = block id, image = 10·label in every channel (as in the crop test).
+    blocks = np.kron(np.arange(48).reshape(6, 8) % 19, np.ones((8, 8), dtype=np.int64)).astype(np.uint8)
+    image = np.repeat((blocks * 10)[..., None], 3, axis=2)
+    transform = weak_strong_transform((16, 24), output_size=(64, 128))
+    differs = 0
+    for seed in range(10):
+        weak, strong, label = transform(image, blocks, np.random.default_rng(seed))
+        assert weak.shape == strong.shape == (3, 64, 128) and label.shape == (64, 128)
+        weak_u8, strong_u8 = _to_uint8(weak), _to_uint8(strong)
+        # the weak view is the plain crop of the image: its grey level names the label
+        inner = np.ones(label.shape, dtype=bool)
+        for dr in (-3, 0, 3):
+            for dc in (-3, 0, 3):
+                inner &= np.roll(label.numpy(), (dr, dc), axis=(0, 1)) == label.numpy()
+        inner[:3], inner[-3:], inner[:, :3], inner[:, -3:] = False, False, False, False
+        assert np.array_equal(weak_u8[inner][:, 0], label.numpy()[inner].astype(np.uint8) * 10)
+        # the strong view is the same crop: the block edges are where the weak view's are
+        # (blurred at most), so within a block its colour is nearly flat
+        for block in np.unique(label.numpy()[inner]):
+            pixels = strong_u8[inner & (label.numpy() == block)].astype(int)
+            assert np.ptp(pixels, axis=0).max() <= 40
+        differs += not np.array_equal(weak_u8, strong_u8)
+    assert differs >= 7
+    a = transform(image, blocks, np.random.default_rng(1))
+    b = transform(image, blocks, np.random.default_rng(1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -1,4 +1,5 @@
-"""Training augmentation of the released IAST (reference §5) and ImageNet normalisation.
+"""Training augmentation of the released IAST (reference §5), HIAST's weak and strong
+views (reference §4) and ImageNet normalisation.
 
 A sample is (image, label): a uint8 HWC RGB numpy image and an integer HW numpy label
 map. All randomness comes from the numpy Generator passed to each call, so a seeded
@@ -14,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torch import Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,9 +67,10 @@ class Compose:
             )
         if label.shape != image.shape[:2]:
             raise ValueError(f"label shape {label.shape} does not match image shape {image.shape[:2]}")
-        for transform in self.transforms:
-            image, label = transform(image, label, rng)
-        return image, label
+        sample = (image, label)
+        for transform in self.transforms:  # the last one may return more (e.g. two views)
+            sample = transform(*sample, rng)
+        return sample
 
 
 class RandomHorizontalFlip:
@@ -156,6 +159,62 @@ class Normalize:
         return normalize(image), torch.from_numpy(label.astype(np.int64))
 
 
+def _colour_jitter(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.6, 1.4))
+    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.6, 1.4))
+    image = ImageEnhance.Color(image).enhance(rng.uniform(0.6, 1.4))
+    # Hue: rotate the H channel by up to ±0.1 of a turn.
+    h, s, v = image.convert("HSV").split()
+    shift = int(rng.uniform(-0.1, 0.1) * 256)
+    h = h.point(lambda x: (x + shift) % 256)
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+# The 8 colour operations of HIAST's strong view; each maps (PIL RGB image, rng) -> image.
+COLOUR_OPS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]] = {
+    "jitter": _colour_jitter,
+    "blur": lambda im, rng: im.filter(ImageFilter.GaussianBlur(rng.uniform(0.1, 2.0))),
+    "contrast": lambda im, rng: ImageEnhance.Contrast(im).enhance(rng.uniform(0.05, 0.95) * 2),
+    "brightness": lambda im, rng: ImageEnhance.Brightness(im).enhance(rng.uniform(0.05, 0.95) * 2),
+    "posterize": lambda im, rng: ImageOps.posterize(im, int(rng.integers(4, 8))),
+    "equalize": lambda im, rng: ImageOps.equalize(im),
+    "solarize": lambda im, rng: ImageOps.solarize(im, int(rng.integers(128, 256))),
+    "gray": lambda im, rng: ImageOps.grayscale(im).convert("RGB"),
+}
+
+
+class StrongColour:
+    """HIAST's strong photometric view: ``num_ops`` of the 8 colour operations, drawn
+    without replacement, each applied with probability ``p``. Colour only, so the view
+    keeps the weak view's geometry and labels."""
+
+    def __init__(self, num_ops: int = 3, p: float = 0.5):
+        if not 0 <= num_ops <= len(COLOUR_OPS):
+            raise ValueError(f"num_ops must be in 0..{len(COLOUR_OPS)}, got {num_ops}")
+        self.num_ops, self.p = num_ops, p
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        names = list(COLOUR_OPS)
+        picked = rng.choice(len(names), size=self.num_ops, replace=False)
+        out = Image.fromarray(image)
+        for i in picked:
+            if rng.random() < self.p:
+                out = COLOUR_OPS[names[i]](out, rng)
+        return np.asarray(out)
+
+
+class WeakStrongViews:
+    """Final step of HIAST's augmentation: (weak image, strong image, label) tensors, the
+    strong image being the weak one after :class:`StrongColour`."""
+
+    def __init__(self, strong: StrongColour | None = None):
+        self.strong = strong or StrongColour()
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        strong = self.strong(image, rng)
+        return normalize(image), normalize(strong), torch.from_numpy(label.astype(np.int64))
+
+
 def train_transform(crop_height_range: tuple[int, int], output_size: tuple[int, int] = OUTPUT_SIZE) -> Compose:
     """The released IAST training augmentation; call as ``transform(image, label, rng)``."""
     return Compose([
@@ -163,6 +222,16 @@ def train_transform(crop_height_range: tuple[int, int], output_size: tuple[int, 
         RandomBrightnessContrast(p=0.3),
         RandomSizedCrop(crop_height_range, output_size),
         Normalize(),
+    ])
+
+
+def weak_strong_transform(crop_height_range: tuple[int, int], output_size: tuple[int, int] = OUTPUT_SIZE) -> Compose:
+    """HIAST's views: weak = flip + random sized crop; strong = weak + 3 of 8 colour
+    operations (p 0.5 each), same geometry and labels. Returns (weak, strong, label)."""
+    return Compose([
+        RandomHorizontalFlip(p=0.5),
+        RandomSizedCrop(crop_height_range, output_size),
+        WeakStrongViews(StrongColour(num_ops=3, p=0.5)),
     ])
 
 
