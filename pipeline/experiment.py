@@ -119,6 +119,9 @@ class SelfTrainingConfig:
     confident_weight: float = 0.1
     ignored_weight: float = 3.0
     consistency: ConsistencyConfig | None = None  # set: HIAST's training; null: IAST's
+    # HIAST's hard-aware augmentation: paste the pseudo-labelled pixels of this many
+    # hardest classes from a donor image into every sample (HIAST: 14); 0: off.
+    hard_classes: int = 0
     # Round r's weights come from round r-1's final checkpoint (round 1: the warm-up). The
     # released code labels round r+1 with an earlier checkpoint of round r; here both
     # choices are explicit and logged.
@@ -220,6 +223,8 @@ class ExperimentConfig:
         st, r = self.self_training, self.self_training.rounds[round_index - 1]
         c = st.consistency
         hiast = {"teacher_momentum": c.teacher_momentum, "consistency_weight": c.weight} if c else {}
+        if st.hard_classes:
+            hiast["hard_classes"] = st.hard_classes
         return self._train(
             "self_training", f"round_{round_index}", st.iterations, r.lr, st.batch_size, st.batchnorm,
             st.checkpoint_every, init=init, label_store=self.label_store(round_index),

@@ -317,6 +317,7 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
     rows: list[dict] = []
     part = 0
     theta = np.full(k, np.nan, np.float32)
+    difficulty = selectors.ClassConfidence(k)
     records = store.iter_predictions(num_parts)
     with tqdm(total=num_images, desc="pseudo-label: select", unit="img") as bar:
         for instance in _instances(records, instance_size):
@@ -331,6 +332,7 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
                         raise ValueError(f"selector.label_values=ground_truth: no ground truth was read for {r.image}")
                     label = np.where(label != IGNORE_INDEX, r.ground_truth, IGNORE_INDEX).astype(np.uint8)
                 kept = np.bincount(label[label != IGNORE_INDEX], minlength=k)[:k]
+                difficulty.update(r.confidence, label)
                 correct = None
                 if r.ground_truth is not None:  # precision over kept pixels that have ground truth
                     judged = (label != IGNORE_INDEX) & (r.ground_truth != IGNORE_INDEX)
@@ -355,11 +357,13 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
                     previews.append((r, label))
                 bar.update(1)
         store.write_labels(part, rows, metadata)
-    return {"totals": totals, "final_thresholds": theta, "previews": previews, "names": names}
+    return {"totals": totals, "final_thresholds": theta, "confidence": difficulty.value,
+            "previews": previews, "names": names}
 
 
-def selection_statistics(totals: dict, final_thresholds: np.ndarray) -> dict:
-    """Per-class coverage, precision (where ground truth exists) and thresholds."""
+def selection_statistics(totals: dict, final_thresholds: np.ndarray, confidence: np.ndarray) -> dict:
+    """Per-class coverage, precision (where ground truth exists), thresholds, and HIAST's
+    confidence EMA of the kept pixels (None for a class that kept none)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         coverage = totals["class_kept"] / totals["class_pixels"]
         precision = totals["class_correct"] / totals["class_judged"]
@@ -368,6 +372,7 @@ def selection_statistics(totals: dict, final_thresholds: np.ndarray) -> dict:
         "coverage": [None if np.isnan(v) else float(v) for v in coverage],
         "precision": [None if (np.isnan(v) or not has_gt) else float(v) for v in precision],
         "thresholds": [float(v) for v in final_thresholds],
+        "confidence": [None if np.isnan(v) else float(v) for v in confidence],
         "pixels": totals["class_pixels"].tolist(),
         "kept": totals["class_kept"].tolist(),
         "coverage_all": float(totals["class_kept"].sum() / max(1, totals["class_pixels"].sum())),
@@ -424,7 +429,7 @@ def run(cfg: PseudoLabelConfig) -> dict:
     result = select(cfg, store, num_parts, len(samples), metadata)
     labelled = set(result["names"])
     skipped = [s.name for s in samples if s.name not in labelled]
-    stats = selection_statistics(result["totals"], result["final_thresholds"])
+    stats = selection_statistics(result["totals"], result["final_thresholds"], result["confidence"])
     preview_uris = write_previews(result["previews"], cfg.store)
     manifest = {
         "config_hash": config_hash,

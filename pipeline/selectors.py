@@ -387,3 +387,44 @@ def cbst_portion(round_index: int, start: float = 0.2, step: float = 0.05, maxim
     if round_index < 0:
         raise ValueError(f"round_index must be >= 0, got {round_index}")
     return min(round(start + step * round_index, 12), maximum)
+
+
+class ClassConfidence:
+    """HIAST's per-class difficulty (reference §4): an EMA, over the images in canonical
+    order, of the mean confidence of the pixels each class keeps as pseudo-labels.
+
+    A class's EMA starts at its first observed mean (not at a constant, which would
+    dominate the few images of a rare class); a class that never keeps a pixel has none
+    (NaN) and is never hard: there is nothing of it to paste.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES, momentum: float = 0.99):
+        self.momentum = momentum
+        self.value = np.full(num_classes, np.nan)
+
+    def update(self, conf, label) -> np.ndarray:
+        """One image: ``conf`` its per-pixel confidence, ``label`` its selected pseudo-label."""
+        conf, label = np.asarray(conf, np.float64).ravel(), np.asarray(label).ravel()
+        kept = label != IGNORE_INDEX
+        k = len(self.value)
+        counts = np.bincount(label[kept], minlength=k)[:k]
+        sums = np.bincount(label[kept], weights=conf[kept], minlength=k)[:k]
+        seen = counts > 0
+        mean = np.divide(sums, counts, out=np.zeros(k), where=seen)
+        first = seen & np.isnan(self.value)
+        self.value[first] = mean[first]
+        again = seen & ~first
+        self.value[again] = self.momentum * self.value[again] + (1 - self.momentum) * mean[again]
+        return self.value
+
+
+def hard_classes(confidence: Sequence[float | None], num_hard: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``num_hard`` classes of lowest confidence (among those with one) and HIAST's
+    sampling probabilities for them, p_c ∝ (1 - v_c)^2. A set of classes all at
+    confidence 1 gets uniform probabilities."""
+    v = np.array([np.nan if c is None else c for c in confidence], np.float64)
+    known = np.flatnonzero(~np.isnan(v))
+    hard = known[np.argsort(v[known], kind="stable")][:num_hard]
+    weight = (1 - v[hard]) ** 2
+    probs = weight / weight.sum() if weight.sum() > 0 else np.full(len(hard), 1 / max(1, len(hard)))
+    return hard, probs

@@ -38,12 +38,15 @@ e.g. the IoU of a class absent from both prediction and ground truth -- are not 
     ``pseudo/coverage/<class>``         per class, over the pixels predicted as the class
     ``pseudo/precision/<class>``        per class, over the pixels pseudo-labelled as it
     ``pseudo/threshold/<class>``        final per-class confidence threshold of the selector
+    ``pseudo/confidence/<class>``       HIAST's EMA of the mean confidence of the class's
+                                        kept pixels (low: a hard class)
     ``pseudo/num_images``               images in the label store
     ``pseudo/images_per_s``             pseudo-labelling throughput (when measured)
     ``train/loss``                      total training loss (mean over the logging window)
     ``train/seg``                       segmentation cross-entropy term
     ``train/confident_reg``             region-guided regulariser on confident pixels
     ``train/ignored_reg``               region-guided regulariser on ignored pixels
+    ``train/consistency``               HIAST's teacher-student consistency (ignored pixels)
     ``train/adversarial``               generator's adversarial loss (adversarial warm-up)
     ``train/discriminator``             discriminator loss (adversarial warm-up)
     ``train/lr``                        learning rate of the classifier head
@@ -327,8 +330,9 @@ class ExperimentTracker:
             "pseudo/num_images": manifest.get("num_images"),
             "pseudo/images_per_s": images_per_s,
         }
-        for key, name in (("coverage", "coverage"), ("precision", "precision"), ("thresholds", "threshold")):
-            for cls, value in zip(CLASS_NAMES, stats[key]):
+        for key, name in (("coverage", "coverage"), ("precision", "precision"), ("thresholds", "threshold"),
+                          ("confidence", "confidence")):
+            for cls, value in zip(CLASS_NAMES, stats.get(key, ())):  # stores before "confidence" lack it
                 metrics[f"pseudo/{name}/{cls}"] = value
         self.log_metrics(run_id, metrics)
         self.log_params(

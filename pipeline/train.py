@@ -6,6 +6,8 @@
   region-guided loss (target only, as in the released code); with ``teacher_momentum``
   set, HIAST's version: the student learns on strong views of the images, and an EMA
   teacher's predictions on the weak views supervise the pixels without a pseudo-label;
+  with ``hard_classes`` set, every sample first receives the pseudo-labelled pixels of
+  the hardest classes from a donor image of the store (HIAST's hard-aware augmentation);
 - ``oracle``: supervised on the labelled target set (the benchmark's upper bound).
 
 Each worker reads its own shard of the data with a per-worker DataLoader; the stream of
@@ -34,9 +36,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import config as config_lib
-from pipeline import distributed, storage
+from pipeline import distributed, selectors, storage
 from pipeline.data.datasets import DataConfig, Sample, load_image, load_label
-from pipeline.data.transforms import eval_transform, train_transform, weak_strong_transform
+from pipeline.data.transforms import (
+    HardClassPaste,
+    eval_transform,
+    hard_class_donors,
+    train_transform,
+    weak_strong_transform,
+)
 from pipeline.evaluation import ConfusionMatrix, predict_probs
 from pipeline.label_store import LabelStore, decode_label
 from pipeline.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
@@ -92,6 +100,10 @@ class TrainConfig:
     # trains IAST's way (one view, no teacher).
     teacher_momentum: float | None = None
     consistency_weight: float = 0.5  # of L_cst, with a teacher
+    # HIAST (self_training only): paste the pseudo-labelled pixels of this many hardest
+    # classes (lowest confidence EMA in the label store) from a donor image into every
+    # sample; 0: no pasting. HIAST uses 14.
+    hard_classes: int = 0
     adversarial_weight: float = 0.05
     discriminator_lr: float = 2e-5
     checkpoint_every: int = 500
@@ -116,6 +128,11 @@ class TrainConfig:
                 raise ValueError(f"teacher_momentum applies to self_training only, not to {self.stage}")
             if not 0 <= self.teacher_momentum < 1:
                 raise ValueError(f"teacher_momentum must be in [0, 1), got {self.teacher_momentum}")
+        if self.hard_classes:
+            if self.stage != "self_training":
+                raise ValueError(f"hard_classes applies to self_training only, not to {self.stage}")
+            if not 0 < self.hard_classes <= self.num_classes:
+                raise ValueError(f"hard_classes must be in 0..{self.num_classes}, got {self.hard_classes}")
         if self.batch_size % self.num_workers:
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by num_workers {self.num_workers}"
@@ -150,6 +167,11 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(
                 f"label store {cfg.label_store} has {manifest['num_classes']} classes but the model "
                 f"is configured for {cfg.num_classes}; regenerate the labels or fix num_classes"
+            )
+        if cfg.hard_classes and manifest.get("statistics", {}).get("confidence") is None:
+            raise ValueError(
+                f"label store {cfg.label_store} holds no per-class confidence (it predates hard-class "
+                "pasting): regenerate it with jobs/pseudo_label.py, or set hard_classes to 0"
             )
     for key in ("init", "imagenet_backbone"):
         uri = getattr(cfg, key)
@@ -222,12 +244,22 @@ def _pseudo_labelled_loader(store_uri: str):
     return load, len(rows)
 
 
-def _loader(source, crop_heights, cfg: TrainConfig, start: int, salt: int, two_views: bool = False):
-    """Batches of (image, label), or of (weak, strong, label) with ``two_views``."""
+def _hard_class_paste(store_uri: str, load: Callable[[int], tuple], num_hard: int) -> HardClassPaste:
+    """HIAST's pasting over a label store: its hardest classes and their donor images."""
+    store = LabelStore(store_uri)
+    hard, probs = selectors.hard_classes(store.manifest()["statistics"]["confidence"], num_hard)
+    kept = np.array(store.read_labels(columns=["class_kept"]).column("class_kept").to_pylist(), np.int64)
+    return HardClassPaste(hard, probs, hard_class_donors(kept, hard), load)
+
+
+def _loader(source, crop_heights, cfg: TrainConfig, start: int, salt: int, two_views: bool = False,
+            first=()):
+    """Batches of (image, label), or of (weak, strong, label) with ``two_views``; ``first``:
+    transforms applied to the loaded sample before the augmentation."""
     load, size = source
     rank, world = distributed.rank(), distributed.world_size()
     make = weak_strong_transform if two_views else train_transform
-    transform = make(tuple(crop_heights), (cfg.crop_size[1], cfg.crop_size[0]))
+    transform = make(tuple(crop_heights), (cfg.crop_size[1], cfg.crop_size[0]), first=first)
     dataset = _Stream(load, size, transform, cfg.seed + salt, rank, world)
     per_worker = cfg.batch_size // world
     loader = torch.utils.data.DataLoader(
@@ -372,8 +404,9 @@ def train_loop(loop_config: dict) -> None:
     elif cfg.stage == "oracle":
         main = _loader(_labelled_loader(cfg.target.samples()), cfg.target_crop_heights, cfg, start, 0)
     else:
-        main = _loader(_pseudo_labelled_loader(cfg.label_store), cfg.target_crop_heights, cfg, start, 0,
-                       two_views=teacher is not None)
+        pseudo = _pseudo_labelled_loader(cfg.label_store)
+        paste = [_hard_class_paste(cfg.label_store, pseudo[0], cfg.hard_classes)] if cfg.hard_classes else []
+        main = _loader(pseudo, cfg.target_crop_heights, cfg, start, 0, two_views=teacher is not None, first=paste)
     target = None
     if cfg.stage == "adversarial":
         target = _loader(_unlabelled_loader(cfg.target.samples()), cfg.target_crop_heights, cfg, start, 1)

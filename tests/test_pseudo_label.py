@@ -61,6 +61,16 @@ def test_store_contents_and_statistics(ray_cluster, benchmark_data, small_checkp
         correct += int(((pred == gt) & (gt != 255)).sum())
         judged += int((gt != 255).sum())
     assert stats["precision_all"] == pytest.approx(correct / judged)
+    # HIAST's class confidence: the EMA, in canonical order, of each image's mean kept confidence
+    ema = [None] * 19
+    for p in predictions:
+        pred = np.frombuffer(p["prediction"], np.uint8)
+        conf = np.frombuffer(p["confidence"], np.float16).astype(np.float64)
+        for c in np.unique(pred):
+            mean = conf[pred == c].mean()
+            ema[c] = mean if ema[c] is None else 0.99 * ema[c] + 0.01 * mean
+    assert [v is None for v in stats["confidence"]] == [v is None for v in ema]
+    assert [v for v in stats["confidence"] if v is not None] == pytest.approx([v for v in ema if v is not None])
     assert manifest["selector"] == {"name": "constant", "threshold": 0.0}
     assert manifest["generator"]["sha256"] and manifest["round"] == 1
     assert len(manifest["previews"]) == 4

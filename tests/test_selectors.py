@@ -10,6 +10,7 @@ from PIL import Image
 from pipeline.selectors import (
     CODE_VALUES,
     IAS,
+    ClassConfidence,
     NUM_CODES,
     _cbst_select_torch,
     _float16_codes,
@@ -21,6 +22,7 @@ from pipeline.selectors import (
     cbst_thresholds,
     confidence_histogram,
     constant_select,
+    hard_classes,
     ias_select_sequence,
     select,
     spatial_prior,
@@ -370,3 +372,24 @@ def test_bad_parameters_are_rejected():
         cbst_thresholds(np.zeros((19, NUM_CODES), np.int64), 0.0)
     with pytest.raises(ValueError, match="one threshold per class"):
         cbst_select(np.zeros((3, 2, 2), np.float32), [1.0, 1.0])
+
+
+def test_class_confidence_starts_at_first_mean_then_moves_by_ema():
+    tracker = ClassConfidence(num_classes=3, momentum=0.9)
+    conf = np.array([[0.5, 0.7], [0.9, 0.2]])
+    label = np.array([[0, 0], [1, 255]], np.uint8)  # class 2 never kept; 0.2 not kept
+    v = tracker.update(conf, label).copy()
+    assert v[0] == pytest.approx(0.6) and v[1] == pytest.approx(0.9) and np.isnan(v[2])
+    v = tracker.update(np.full((2, 2), 0.8), np.array([[0, 2], [255, 255]], np.uint8)).copy()
+    assert v[0] == pytest.approx(0.9 * 0.6 + 0.1 * 0.8)
+    assert v[1] == pytest.approx(0.9)  # absent from the image: unchanged
+    assert v[2] == pytest.approx(0.8)  # first seen: its own mean
+
+
+def test_hard_classes_are_the_least_confident_with_probabilities_from_their_confidence():
+    hard, probs = hard_classes([0.9, None, 0.5, 0.99, 0.7], num_hard=3)
+    assert hard.tolist() == [2, 4, 0]  # lowest first; the class without confidence never
+    expected = np.array([0.5, 0.3, 0.1]) ** 2
+    np.testing.assert_allclose(probs, expected / expected.sum())
+    hard, probs = hard_classes([1.0, 1.0, None], num_hard=14)
+    assert hard.tolist() == [0, 1] and probs.tolist() == [0.5, 0.5]

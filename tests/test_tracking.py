@@ -53,7 +53,8 @@ def manifest_with_statistics(previews: list[str]) -> dict:
                       "arch": "deeplabv2_resnet101"},
         "selector": {"name": "ias", "alpha": 0.2, "beta": 0.9, "gamma": 8.0, "instance_size": 1},
         "num_images": 10,
-        "statistics": selection_statistics(totals, np.linspace(0.5, 0.95, k)),
+        "statistics": selection_statistics(totals, np.linspace(0.5, 0.95, k),
+                                           np.where(kept > 0, np.linspace(0.6, 0.99, k), np.nan)),
         "previews": previews,
     }
 
@@ -199,6 +200,8 @@ def test_pseudo_label_statistics_lineage_and_previews(store, tmp_path):
     assert data.metrics["pseudo/coverage/road"] == pytest.approx(0.5)
     assert data.metrics["pseudo/precision/traffic light"] == pytest.approx(0.9, abs=0.02)
     assert data.metrics["pseudo/threshold/bicycle"] == pytest.approx(0.95)
+    assert data.metrics["pseudo/confidence/bicycle"] == pytest.approx(0.99)
+    assert "pseudo/confidence/pole" not in data.metrics  # kept no pixel: no confidence
     assert "pseudo/coverage/pole" not in data.metrics and "pseudo/precision/pole" not in data.metrics  # None
     assert data.params["generator.checkpoint"] == "s3://bucket/round_1/checkpoint.pt"
     assert data.params["generator.round"] == "1" and data.params["pseudo.round"] == "2"

@@ -94,6 +94,11 @@ def test_bad_configs_fail_before_training(benchmark_data, tmp_path):
     wrong = _cfg(tmp_path, benchmark_data, stage="self_training", label_store=store.uri)
     with pytest.raises(ValueError, match="16 classes"):
         check_config(wrong)
+    store.invalidate()
+    store.commit({"num_classes": 19, "num_parts": 0, "statistics": {"coverage_all": 0.5}})  # an older store
+    old = _cfg(tmp_path, benchmark_data, stage="self_training", label_store=store.uri, hard_classes=14)
+    with pytest.raises(ValueError, match="no per-class confidence.*regenerate"):
+        check_config(old)
     with pytest.raises(ValueError, match="needs `target`"):
         check_config(_cfg(tmp_path, benchmark_data, stage="oracle"))
 
@@ -121,7 +126,7 @@ def test_hiast_round_learns_against_an_ema_teacher_and_resumes_it(ray_cluster, b
                                   arch="deeplabv2_small", size=(128, 64),
                                   selector=SelectorConfig(alpha=0.5, gamma=0.0)))
     kw = dict(stage="self_training", source=None, label_store=store, init=small_checkpoint, iterations=4,
-              teacher_momentum=0.9, consistency_weight=0.5, max_failures=0)
+              teacher_momentum=0.9, consistency_weight=0.5, hard_classes=5, max_failures=0)
 
     def crash(step, model):
         if step == 3:
@@ -150,3 +155,7 @@ def test_teacher_only_for_self_training(benchmark_data, tmp_path):
         _cfg(tmp_path, benchmark_data, teacher_momentum=0.99)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         _cfg(tmp_path, benchmark_data, stage="self_training", teacher_momentum=1.0)
+    with pytest.raises(ValueError, match="self_training only"):
+        _cfg(tmp_path, benchmark_data, hard_classes=14)
+    with pytest.raises(ValueError, match="0..19"):
+        _cfg(tmp_path, benchmark_data, stage="self_training", hard_classes=20)

@@ -6,6 +6,7 @@ from PIL import Image
 from pipeline.data.transforms import (
     COLOUR_OPS,
     GTA5_CROP_HEIGHTS,
+    HardClassPaste,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Compose,
@@ -14,6 +15,7 @@ from pipeline.data.transforms import (
     RandomSizedCrop,
     StrongColour,
     eval_transform,
+    hard_class_donors,
     normalize,
     train_transform,
     weak_strong_transform,
@@ -260,3 +262,45 @@ def test_weak_and_strong_views_share_geometry_and_labels():
     a = transform(image, blocks, np.random.default_rng(1))
     b = transform(image, blocks, np.random.default_rng(1))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_hard_class_donors_drop_the_smallest_tenth():
+    kept = np.zeros((25, 3), np.int64)
+    kept[:20, 1] = np.arange(1, 21)  # images 0..19 keep 1..20 pixels of class 1
+    kept[24, 2] = 5
+    donors = hard_class_donors(kept, [0, 1, 2])
+    assert donors[0].tolist() == []
+    assert donors[1].tolist() == list(range(2, 20))  # the 2 smallest of 20 dropped
+    assert donors[2].tolist() == [24]  # 10% of one image is none
+
+
+def test_hard_class_paste_copies_every_hard_pixel_of_the_donor():
+    donor_label = np.array([[0, 1, 2], [3, 255, 1]], np.uint8)
+    donor_image = np.full((2, 3, 3), 200, np.uint8)
+    loaded = []
+
+    def load(i):
+        loaded.append(i)
+        return donor_image, donor_label
+
+    # class 3 has no donor: only class 1 can be drawn; hard = {1, 3}, so 1s and 3s are pasted
+    paste = HardClassPaste(hard=[1, 3], probs=[0.5, 0.5], donors={1: [7], 3: []}, load_donor=load)
+    image, label = np.zeros((2, 3, 3), np.uint8), np.full((2, 3), 255, np.uint8)
+    out_image, out_label = paste(image, label, np.random.default_rng(0))
+    assert loaded == [7]
+    assert out_label.tolist() == [[255, 1, 255], [3, 255, 1]]
+    assert (out_image[out_label != 255] == 200).all() and (out_image[out_label == 255] == 0).all()
+    assert (image == 0).all() and (label == 255).all()  # the inputs are not modified
+    with pytest.raises(ValueError, match="cannot be pasted"):
+        paste(np.zeros((4, 3, 3), np.uint8), np.zeros((4, 3), np.uint8), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="no donor"):
+        HardClassPaste(hard=[3], probs=[1.0], donors={3: []}, load_donor=load)
+
+
+def test_hard_class_paste_draws_classes_by_their_probabilities():
+    labels = {0: np.full((1, 1), 4, np.uint8), 1: np.full((1, 1), 5, np.uint8)}
+    paste = HardClassPaste([4, 5], [0.8, 0.2], {4: [0], 5: [1]},
+                           lambda i: (np.full((1, 1, 3), i, np.uint8), labels[i]))
+    rng = np.random.default_rng(0)
+    drawn = [int(paste(np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1), np.uint8), rng)[1][0, 0]) for _ in range(500)]
+    assert 350 < drawn.count(4) < 450

@@ -10,7 +10,7 @@ w = 2h resized to 512x1024 (image bilinear, label nearest), then ImageNet mean/s
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -215,9 +215,57 @@ class WeakStrongViews:
         return normalize(image), normalize(strong), torch.from_numpy(label.astype(np.int64))
 
 
-def train_transform(crop_height_range: tuple[int, int], output_size: tuple[int, int] = OUTPUT_SIZE) -> Compose:
-    """The released IAST training augmentation; call as ``transform(image, label, rng)``."""
+class HardClassPaste:
+    """HIAST's hard-aware pseudo-label augmentation (reference §4), the first step of a
+    self-training sample: draw a hard class c with probability ``probs``, a donor image
+    that pseudo-labels c (uniformly among ``donors[c]``), and paste every donor pixel whose
+    pseudo-label is any hard class into the sample, image and label alike.
+
+    ``load_donor(i)`` -> (image, label) of donor i, at the sample's size.
+    """
+
+    def __init__(self, hard: Sequence[int], probs: Sequence[float], donors: dict[int, Sequence[int]],
+                 load_donor: Callable[[int], tuple[np.ndarray, np.ndarray]]):
+        usable = [i for i, c in enumerate(hard) if len(donors.get(int(c), ())) > 0]
+        if not usable:
+            raise ValueError(f"no donor image pseudo-labels any of the hard classes {list(hard)}")
+        self.hard = np.asarray(hard, np.int64)
+        self.classes = self.hard[usable]
+        weights = np.asarray(probs, np.float64)[usable]
+        self.probs = weights / weights.sum() if weights.sum() > 0 else np.full(len(usable), 1 / len(usable))
+        self.donors = {int(c): np.asarray(donors[int(c)]) for c in self.classes}
+        self.load_donor = load_donor
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Sample:
+        c = int(self.classes[rng.choice(len(self.classes), p=self.probs)])
+        pool = self.donors[c]
+        donor_image, donor_label = self.load_donor(int(pool[rng.integers(len(pool))]))
+        if donor_label.shape != label.shape or donor_image.shape != image.shape:
+            raise ValueError(f"donor of size {donor_label.shape} cannot be pasted into a sample of size {label.shape}")
+        mask = np.isin(donor_label, self.hard)
+        image, label = image.copy(), label.copy()
+        image[mask], label[mask] = donor_image[mask], donor_label[mask]
+        return image, label
+
+
+def hard_class_donors(class_kept: np.ndarray, classes: Sequence[int], drop_smallest: float = 0.1) -> dict[int, np.ndarray]:
+    """Per class, the images (rows of ``class_kept``, pixels kept per image and class) that
+    pseudo-label it, without the ``drop_smallest`` share with the fewest such pixels."""
+    donors = {}
+    for c in classes:
+        counts = class_kept[:, c]
+        having = np.flatnonzero(counts > 0)
+        order = having[np.argsort(counts[having], kind="stable")]
+        donors[int(c)] = np.sort(order[int(len(order) * drop_smallest):])
+    return donors
+
+
+def train_transform(crop_height_range: tuple[int, int], output_size: tuple[int, int] = OUTPUT_SIZE,
+                    first: Sequence[Transform] = ()) -> Compose:
+    """The released IAST training augmentation; call as ``transform(image, label, rng)``.
+    ``first``: steps before it (e.g. :class:`HardClassPaste`)."""
     return Compose([
+        *first,
         RandomHorizontalFlip(p=0.5),
         RandomBrightnessContrast(p=0.3),
         RandomSizedCrop(crop_height_range, output_size),
@@ -225,10 +273,12 @@ def train_transform(crop_height_range: tuple[int, int], output_size: tuple[int, 
     ])
 
 
-def weak_strong_transform(crop_height_range: tuple[int, int], output_size: tuple[int, int] = OUTPUT_SIZE) -> Compose:
+def weak_strong_transform(crop_height_range: tuple[int, int], output_size: tuple[int, int] = OUTPUT_SIZE,
+                          first: Sequence[Transform] = ()) -> Compose:
     """HIAST's views: weak = flip + random sized crop; strong = weak + 3 of 8 colour
     operations (p 0.5 each), same geometry and labels. Returns (weak, strong, label)."""
     return Compose([
+        *first,
         RandomHorizontalFlip(p=0.5),
         RandomSizedCrop(crop_height_range, output_size),
         WeakStrongViews(StrongColour(num_ops=3, p=0.5)),
