@@ -124,7 +124,7 @@ def test_hiast_round_learns_against_an_ema_teacher_and_resumes_it(ray_cluster, b
     store = str(tmp_path / "labels")
     make_labels(PseudoLabelConfig(target=benchmark_data["target"], store=store, checkpoint=small_checkpoint,
                                   arch="deeplabv2_small", size=(128, 64),
-                                  selector=SelectorConfig(alpha=0.5, gamma=0.0)))
+                                  selector=SelectorConfig("cbst", portion=0.5)))
     kw = dict(stage="self_training", source=None, label_store=store, init=small_checkpoint, iterations=4,
               teacher_momentum=0.9, consistency_weight=0.5, hard_classes=5, max_failures=0)
 
