@@ -16,7 +16,7 @@ ifdef RAY_ADDRESS
 export RAY_ADDRESS
 endif
 
-.PHONY: install test test-slow demo benchmark-data ablation bench mlflow-ui clean \
+.PHONY: install test test-slow demo benchmark-data ablation compare-methods bench mlflow-ui clean \
         prepare-gta5 prepare-synthia prepare-cityscapes reproduce-gta5 reproduce-synthia
 
 $(STAMP): pyproject.toml constraints.txt
@@ -48,6 +48,11 @@ demo: $(STAMP) benchmark-data
 
 ablation: $(STAMP) benchmark-data
 	$(PY) jobs/ablation.py --config configs/benchmark.yaml output=$(strip $(OUT)) \
+		data.source.root=$(DATA)/source data.target.root=$(DATA)/target data.val.root=$(DATA)/target
+
+# IAST vs HIAST over all rounds, 3 seeds each, from the demo's warm-up (~30 min on 2 cores).
+compare-methods: $(STAMP) benchmark-data
+	$(PY) jobs/compare_methods.py --config configs/benchmark.yaml output=$(strip $(OUT)) \
 		data.source.root=$(DATA)/source data.target.root=$(DATA)/target data.val.root=$(DATA)/target
 
 bench: $(STAMP) benchmark-data

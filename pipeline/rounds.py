@@ -25,7 +25,7 @@ from pipeline import pseudo_label, storage, train
 from pipeline.data.datasets import Sample, load_image, load_label
 from pipeline.data.transforms import normalize
 from pipeline.evaluation import ConfusionMatrix, predict_probs
-from pipeline.experiment import ExperimentConfig
+from pipeline.experiment import ConsistencyConfig, ExperimentConfig
 from pipeline.models import build_model, load_checkpoint
 from pipeline.tracking import ExperimentTracker, default_tracking_uri
 
@@ -227,21 +227,49 @@ ABLATION_VARIANTS = {
 }
 
 
+def _slug(name: str) -> str:
+    return "_".join(re.findall(r"[a-z0-9]+", name.lower()))
+
+
+def _from_warmup(cfg: ExperimentConfig, warmup: StageRecord, tag: str, folder: str, rounds: int, seed: int,
+                 changes: dict) -> ExperimentConfig:
+    """``cfg``'s first ``rounds`` rounds with ``changes`` to self_training, started from the
+    finished ``warmup``, in ``<output>/<folder>`` and MLflow experiment ``<name>-<tag>``."""
+    return dataclasses.replace(
+        cfg,
+        name=f"{cfg.name}-{tag}",
+        output=storage.join(cfg.output, folder),
+        tracking_uri=cfg.tracking_uri or default_tracking_uri(cfg.output),  # one store for all variants
+        model=dataclasses.replace(cfg.model, init=warmup.checkpoint, init_format="ours"),
+        source_only=dataclasses.replace(cfg.source_only, iterations=0),
+        adversarial=dataclasses.replace(cfg.adversarial, iterations=0),
+        oracle=dataclasses.replace(cfg.oracle, iterations=0),
+        self_training=dataclasses.replace(cfg.self_training, rounds=cfg.self_training.rounds[:rounds], **changes),
+        seed=seed,
+    )
+
+
 def ablation_configs(cfg: ExperimentConfig, warmup: StageRecord) -> dict[str, ExperimentConfig]:
     """Round 1 of ``cfg`` under each selector / loss variant, all from the same warm-up
     model, each with its own output folder (``<output>/<variant>``) and MLflow experiment."""
-    configs = {}
-    for name, changes in ABLATION_VARIANTS.items():
-        slug = "_".join(re.findall(r"[a-z0-9]+", name.lower()))
-        configs[name] = dataclasses.replace(
-            cfg,
-            name=f"{cfg.name}-ablation-{slug}",
-            output=storage.join(cfg.output, slug),
-            tracking_uri=cfg.tracking_uri or default_tracking_uri(cfg.output),  # one store for all variants
-            model=dataclasses.replace(cfg.model, init=warmup.checkpoint, init_format="ours"),
-            source_only=dataclasses.replace(cfg.source_only, iterations=0),
-            adversarial=dataclasses.replace(cfg.adversarial, iterations=0),
-            oracle=dataclasses.replace(cfg.oracle, iterations=0),
-            self_training=dataclasses.replace(cfg.self_training, rounds=cfg.self_training.rounds[:1], **changes),
-        )
-    return configs
+    return {name: _from_warmup(cfg, warmup, f"ablation-{_slug(name)}", _slug(name), 1, cfg.seed, changes)
+            for name, changes in ABLATION_VARIANTS.items()}
+
+
+METHODS = {
+    # name: overrides of self_training; HIAST's settings of reference §4 beyond the config's own
+    "IAST": {"consistency": None, "hard_classes": 0},
+    "HIAST: EMA teacher, strong views, consistency": {"consistency": ConsistencyConfig(), "hard_classes": 0},
+    "HIAST: + hard-class paste": {"consistency": ConsistencyConfig(), "hard_classes": 14},
+}
+
+
+def method_configs(cfg: ExperimentConfig, warmup: StageRecord, seeds: int) -> dict[tuple[str, int], ExperimentConfig]:
+    """Every round of ``cfg`` under IAST's and HIAST's training, from one warm-up model, with
+    ``seeds`` seeds each (cfg.seed, cfg.seed + 1, ...: sample order and augmentation), keyed
+    by (method, seed). Self-training's spread from seed to seed is a point or more on the
+    benchmark, so one run per method cannot tell them apart."""
+    return {(name, seed): _from_warmup(cfg, warmup, f"{_slug(name)}-seed{seed}",
+                                       f"methods/{_slug(name)}_seed{seed}", len(cfg.self_training.rounds),
+                                       seed, changes)
+            for name, changes in METHODS.items() for seed in range(cfg.seed, cfg.seed + seeds)}

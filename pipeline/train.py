@@ -249,7 +249,11 @@ def _hard_class_paste(store_uri: str, load: Callable[[int], tuple], num_hard: in
     store = LabelStore(store_uri)
     hard, probs = selectors.hard_classes(store.manifest()["statistics"]["confidence"], num_hard)
     kept = np.array(store.read_labels(columns=["class_kept"]).column("class_kept").to_pylist(), np.int64)
-    return HardClassPaste(hard, probs, hard_class_donors(kept, hard), load)
+    paste = HardClassPaste(hard, probs, hard_class_donors(kept, hard), load)
+    if not len(paste.classes) and distributed.rank() == 0:
+        print(f"warning: label store {store_uri} keeps no pixel to paste; training without hard-class pasting",
+              flush=True)
+    return paste
 
 
 def _loader(source, crop_heights, cfg: TrainConfig, start: int, salt: int, two_views: bool = False,

@@ -1,6 +1,7 @@
 import json
 import os
 
+import compare_methods  # jobs/compare_methods.py
 import confusions  # jobs/confusions.py: conftest puts jobs/ on the path
 import pytest
 import yaml
@@ -165,3 +166,37 @@ def test_ablation_has_the_true_class_upper_bound_and_the_setting_is_checked(benc
     assert upper.output != variants["IAS"].output
     with pytest.raises(config.ConfigError, match="self_training.label_values"):
         tiny_experiment(benchmark_data, tmp_path, **{"self_training.label_values": "truth"})
+
+
+def test_method_configs_differ_only_in_hiast_settings_and_seed(benchmark_data, tmp_path):
+    from pipeline.rounds import METHODS, StageRecord, method_configs
+
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out")
+    variants = method_configs(cfg, StageRecord("source_only", str(tmp_path / "w.pt"), {}), seeds=2)
+    assert sorted(variants) == sorted((m, s) for m in METHODS for s in (cfg.seed, cfg.seed + 1))
+    assert len({v.output for v in variants.values()}) == len({v.name for v in variants.values()}) == 6
+    for (method, seed), variant in variants.items():
+        train = variant.round_train_config(2, "r1.pt")  # every round is kept
+        assert variant.seed == train.seed == seed and variant.model.init == str(tmp_path / "w.pt")
+        assert variant.source_only.iterations == 0 and variant.oracle.iterations == 0
+        hiast = method.startswith("HIAST")
+        assert (train.teacher_momentum == 0.999) if hiast else (train.teacher_momentum is None)
+        assert train.hard_classes == (14 if "paste" in method else 0)
+        assert variant.round_label_config(2, "g.pt").selector == cfg.round_label_config(2, "g.pt").selector
+
+
+def test_compare_methods_job_trains_each_method_and_prints_the_table(ray_cluster, benchmark_data, tmp_path, capsys):
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out")
+    path = tmp_path / "tiny.yaml"
+    data = config.to_dict(cfg)
+    data["self_training"]["rounds"] = data["self_training"]["rounds"][:1]
+    path.write_text(yaml.safe_dump(data))
+    assert compare_methods.main(["--config", str(path), "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| IAST") or line.startswith("| HIAST")]
+    assert len(rows) == 3 and all(len(row.split("|")) == 5 for row in rows)  # method, round 1, gain
+    client = MlflowClient(default_tracking_uri(cfg.output))
+    for name, consistency in (("tiny-iast-seed888", False), ("tiny-hiast_ema_teacher_strong_views_consistency-seed888", True)):
+        experiment = client.get_experiment_by_name(name)
+        run = client.search_runs([experiment.experiment_id], "tags.stage = 'round_1'")[0]
+        assert ("train/consistency" in run.data.metrics) == consistency

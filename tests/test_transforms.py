@@ -293,8 +293,9 @@ def test_hard_class_paste_copies_every_hard_pixel_of_the_donor():
     assert (image == 0).all() and (label == 255).all()  # the inputs are not modified
     with pytest.raises(ValueError, match="cannot be pasted"):
         paste(np.zeros((4, 3, 3), np.uint8), np.zeros((4, 3), np.uint8), np.random.default_rng(0))
-    with pytest.raises(ValueError, match="no donor"):
-        HardClassPaste(hard=[3], probs=[1.0], donors={3: []}, load_donor=load)
+    nothing = HardClassPaste(hard=[3], probs=[1.0], donors={3: []}, load_donor=load)  # no class has a donor
+    same_image, same_label = nothing(image, label, np.random.default_rng(0))
+    assert same_image is image and same_label is label and loaded == [7, 7]  # no donor loaded this time
 
 
 def test_hard_class_paste_draws_classes_by_their_probabilities():

@@ -227,16 +227,16 @@ class HardClassPaste:
     def __init__(self, hard: Sequence[int], probs: Sequence[float], donors: dict[int, Sequence[int]],
                  load_donor: Callable[[int], tuple[np.ndarray, np.ndarray]]):
         usable = [i for i, c in enumerate(hard) if len(donors.get(int(c), ())) > 0]
-        if not usable:
-            raise ValueError(f"no donor image pseudo-labels any of the hard classes {list(hard)}")
         self.hard = np.asarray(hard, np.int64)
-        self.classes = self.hard[usable]
+        self.classes = self.hard[usable]  # empty (nothing to paste: samples pass unchanged)
         weights = np.asarray(probs, np.float64)[usable]
-        self.probs = weights / weights.sum() if weights.sum() > 0 else np.full(len(usable), 1 / len(usable))
+        self.probs = weights / weights.sum() if weights.sum() > 0 else np.full(len(usable), 1 / max(1, len(usable)))
         self.donors = {int(c): np.asarray(donors[int(c)]) for c in self.classes}
         self.load_donor = load_donor
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Sample:
+        if not len(self.classes):
+            return image, label
         c = int(self.classes[rng.choice(len(self.classes), p=self.probs)])
         pool = self.donors[c]
         donor_image, donor_label = self.load_donor(int(pool[rng.integers(len(pool))]))

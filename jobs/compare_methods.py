@@ -1,0 +1,55 @@
+"""IAST against HIAST on one warm-up model: every round of the config under IAST's
+training, HIAST's teacher-student training (EMA teacher, strong views, consistency on
+the unlabelled pixels) and HIAST's training with hard-class pasting, each with several
+seeds, since one self-training run differs from the next by a point or more.
+
+    python jobs/compare_methods.py --config configs/benchmark.yaml [--seeds 3] [key=value ...]
+    (make compare-methods)
+
+Prints val mIoU-19 per method and round as mean ± standard deviation over the seeds, and
+the gain of the last round over the warm-up. Finished runs are skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from common import experiment_tracker, init_ray, parse_config, positive_int
+
+from pipeline.experiment import ExperimentConfig
+from pipeline.rounds import METHODS, method_configs, run_round, run_warmup
+
+
+def _options(parser) -> None:
+    parser.add_argument("--seeds", type=positive_int, default=3, help="runs per method (default 3)")
+
+
+def _mean_sd(values: list[float]) -> str:
+    values = 100 * np.asarray(values)
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(ExperimentConfig, __doc__, argv, extra=_options)
+    init_ray()
+    warmup = run_warmup(cfg, experiment_tracker(cfg))[-1]
+    start = warmup.metrics.get("val/mIoU-19")
+    rounds = len(cfg.self_training.rounds)
+    miou: dict[str, list[list[float]]] = {name: [] for name in METHODS}
+    for (name, _seed), variant in method_configs(cfg, warmup, args.seeds).items():
+        tracker = experiment_tracker(variant)
+        miou[name].append([run_round(variant, r, tracker).metrics["val/mIoU-19"] for r in range(1, rounds + 1)])
+    print(f"\nval mIoU-19 (%), mean ± sd over {args.seeds} seed(s), from the {warmup.stage} model"
+          f" ({'-' if start is None else f'{100 * start:.2f}'}):\n")
+    print("| method | " + " | ".join(f"round {r}" for r in range(1, rounds + 1)) + " | last round − warm-up |")
+    print("|---|" + "---:|" * (rounds + 1))
+    for name, runs in miou.items():
+        per_round = np.asarray(runs)
+        gain = "-" if start is None else _mean_sd(list(per_round[:, -1] - start))
+        print(f"| {name} | " + " | ".join(_mean_sd(list(per_round[:, r])) for r in range(rounds)) + f" | {gain} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
