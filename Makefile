@@ -50,9 +50,10 @@ ablation: $(STAMP) benchmark-data
 	$(PY) jobs/ablation.py --config configs/benchmark.yaml output=$(strip $(OUT)) \
 		data.source.root=$(DATA)/source data.target.root=$(DATA)/target data.val.root=$(DATA)/target
 
-# IAST vs HIAST over all rounds, 3 seeds each, from the demo's warm-up (~30 min on 2 cores).
+# IAST vs HIAST over all rounds, SEEDS runs each, from the demo's warm-up (~9 min per seed on 2 cores).
+SEEDS ?= 3
 compare-methods: $(STAMP) benchmark-data
-	$(PY) jobs/compare_methods.py --config configs/benchmark.yaml output=$(strip $(OUT)) \
+	$(PY) jobs/compare_methods.py --config configs/benchmark.yaml --seeds $(SEEDS) output=$(strip $(OUT)) \
 		data.source.root=$(DATA)/source data.target.root=$(DATA)/target data.val.root=$(DATA)/target
 
 bench: $(STAMP) benchmark-data
