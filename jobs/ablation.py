@@ -16,7 +16,7 @@ import sys
 from common import experiment_tracker, init_ray, parse_config
 
 from pipeline.experiment import ExperimentConfig
-from pipeline.rounds import ablation_configs, run_round, run_warmup
+from pipeline.rounds import ablation_configs, run_round, warm_up
 
 
 def _percent(value) -> str:
@@ -26,7 +26,7 @@ def _percent(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ExperimentConfig, __doc__, argv)
     init_ray()
-    warmup = run_warmup(cfg, experiment_tracker(cfg))[-1]
+    warmup = warm_up(cfg, experiment_tracker(cfg))
     rows = []
     for name, variant in ablation_configs(cfg, warmup).items():
         record = run_round(variant, 1, experiment_tracker(variant))

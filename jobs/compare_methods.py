@@ -18,7 +18,7 @@ import numpy as np
 from common import experiment_tracker, init_ray, parse_config, positive_int
 
 from pipeline.experiment import ExperimentConfig
-from pipeline.rounds import METHODS, method_configs, run_round, run_warmup
+from pipeline.rounds import METHODS, method_configs, run_round, warm_up
 
 
 def _options(parser) -> None:
@@ -33,7 +33,7 @@ def _mean_sd(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(ExperimentConfig, __doc__, argv, extra=_options)
     init_ray()
-    warmup = run_warmup(cfg, experiment_tracker(cfg))[-1]
+    warmup = warm_up(cfg, experiment_tracker(cfg))
     start = warmup.metrics.get("val/mIoU-19")
     rounds = len(cfg.self_training.rounds)
     miou: dict[str, list[list[float]]] = {name: [] for name in METHODS}

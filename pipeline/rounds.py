@@ -106,6 +106,13 @@ def run_warmup(cfg: ExperimentConfig, tracker: ExperimentTracker) -> list[StageR
     return records
 
 
+def warm_up(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRecord:
+    """Runs the configured warm-up stages; returns the record the rounds start from (the
+    last stage's, or ``model.init``'s when no warm-up stage is configured)."""
+    run_warmup(cfg, tracker)
+    return warmup_record(cfg)
+
+
 def run_round(cfg: ExperimentConfig, round_index: int, tracker: ExperimentTracker) -> StageRecord:
     """One IAST round: pseudo-labels (Ray Data) -> self-training (Ray Train) -> validation."""
     if not 1 <= round_index <= len(cfg.self_training.rounds):

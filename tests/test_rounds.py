@@ -200,3 +200,15 @@ def test_compare_methods_job_trains_each_method_and_prints_the_table(ray_cluster
         experiment = client.get_experiment_by_name(name)
         run = client.search_runs([experiment.experiment_id], "tags.stage = 'round_1'")[0]
         assert ("train/consistency" in run.data.metrics) == consistency
+
+
+def test_warm_up_without_stages_starts_the_rounds_from_the_given_model(benchmark_data, tmp_path):
+    from pipeline.rounds import warm_up
+
+    given = tmp_path / "warmup.pt"
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{
+        "source_only.iterations": 0, "model.init": str(given)})
+    record = warm_up(cfg, _tracker(cfg))  # nothing to train: no Ray needed
+    assert record.checkpoint == str(given) and record.metrics == {}
+    with pytest.raises(ValueError, match="model.init"):
+        warm_up(tiny_experiment(benchmark_data, tmp_path / "out2", **{"source_only.iterations": 0}), None)
