@@ -6,8 +6,9 @@ seeds, since one self-training run differs from the next by a point or more.
     python jobs/compare_methods.py --config configs/benchmark.yaml [--seeds 3] [key=value ...]
     (make compare-methods)
 
-Prints val mIoU-19 per method and round as mean ± standard deviation over the seeds, and
-the gain of the last round over the warm-up. Finished runs are skipped on a re-run.
+Prints val mIoU-19 per method and round as mean ± standard deviation over the seeds, the
+gain of the last round over the warm-up, and each round's pseudo-label precision and
+coverage (means over the seeds). Finished runs are skipped on a re-run.
 """
 
 from __future__ import annotations
@@ -30,16 +31,21 @@ def _mean_sd(values: list[float]) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
+def _mean(values: list[float | None]) -> str:
+    return "-" if None in values else f"{100 * np.mean(values):.1f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(ExperimentConfig, __doc__, argv, extra=_options)
     init_ray()
     warmup = warm_up(cfg, experiment_tracker(cfg))
     start = warmup.metrics.get("val/mIoU-19")
     rounds = len(cfg.self_training.rounds)
-    miou: dict[str, list[list[float]]] = {name: [] for name in METHODS}
+    metrics: dict[str, list[list[dict]]] = {name: [] for name in METHODS}  # method -> seed -> round
     for (name, _seed), variant in method_configs(cfg, warmup, args.seeds).items():
         tracker = experiment_tracker(variant)
-        miou[name].append([run_round(variant, r, tracker).metrics["val/mIoU-19"] for r in range(1, rounds + 1)])
+        metrics[name].append([run_round(variant, r, tracker).metrics for r in range(1, rounds + 1)])
+    miou = {name: [[m["val/mIoU-19"] for m in runs] for runs in seeds] for name, seeds in metrics.items()}
     print(f"\nval mIoU-19 (%), mean ± sd over {args.seeds} seed(s), from the {warmup.stage} model"
           f" ({'-' if start is None else f'{100 * start:.2f}'}):\n")
     print("| method | " + " | ".join(f"round {r}" for r in range(1, rounds + 1)) + " | last round − warm-up |")
@@ -48,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         per_round = np.asarray(runs)
         gain = "-" if start is None else _mean_sd(list(per_round[:, -1] - start))
         print(f"| {name} | " + " | ".join(_mean_sd(list(per_round[:, r])) for r in range(rounds)) + f" | {gain} |")
+    print("\npseudo-label precision / coverage (%), means over the seeds (precision needs the target's labels):\n")
+    print("| method | " + " | ".join(f"round {r}" for r in range(1, rounds + 1)) + " |")
+    print("|---|" + "---:|" * rounds)
+    for name, seeds in metrics.items():
+        cells = [f"{_mean([runs[r].get('pseudo/precision') for runs in seeds])} / "
+                 f"{_mean([runs[r].get('pseudo/coverage') for runs in seeds])}" for r in range(rounds)]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -190,11 +190,14 @@ def test_compare_methods_job_trains_each_method_and_prints_the_table(ray_cluster
     path = tmp_path / "tiny.yaml"
     data = config.to_dict(cfg)
     data["self_training"]["rounds"] = data["self_training"]["rounds"][:1]
+    data["self_training"]["selector"] = "cbst"  # keeps pixels of a 4-step model, so precision is defined
     path.write_text(yaml.safe_dump(data))
     assert compare_methods.main(["--config", str(path), "--seeds", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| IAST") or line.startswith("| HIAST")]
-    assert len(rows) == 3 and all(len(row.split("|")) == 5 for row in rows)  # method, round 1, gain
+    assert len(rows) == 6 and all(len(row.split("|")) == 5 for row in rows[:3])  # method, round 1, gain
+    precision_coverage = [row.split("|")[2].split("/") for row in rows[3:]]  # method, round 1's "p / c"
+    assert all(0 <= float(p) <= 100 and 0 <= float(c) <= 100 for p, c in precision_coverage)
     client = MlflowClient(default_tracking_uri(cfg.output))
     for name, consistency in (("tiny-iast-seed888", False), ("tiny-hiast_ema_teacher_strong_views_consistency-seed888", True)):
         experiment = client.get_experiment_by_name(name)
