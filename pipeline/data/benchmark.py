@@ -7,7 +7,9 @@ draw one street model: a perspective road with sidewalks, verges, facades, walls
 fences, trees, poles with signs and lights, parked and moving traffic, pedestrians and
 cyclists, painted far to near. The domains differ in palette, lighting and texture, and in
 class frequencies (the source has more and bigger vehicles, the target more people,
-bicycles, vegetation and fences), so a source model transfers only in part.
+bicycles, vegetation and fences), so a source model transfers only in part. Like GTA5's
+weather and time-of-day cycle, a third of the source frames are overcast and every source
+frame is graded and focused a little differently; the target is one season's daytime.
 
 Files follow the real datasets' layouts (reference §6), so the same loaders read both:
 
@@ -25,7 +27,7 @@ import io
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from cityscapesscripts.helpers.labels import name2label
@@ -89,6 +91,11 @@ class Domain:
     noise: float  # sensor noise, std in [0, 1] units
     vignette: float
     jpeg_quality: int | None
+    # Weather and time of day, drawn per frame (GTA5 cycles them; Cityscapes is one season's
+    # daytime): the share of overcast frames and the spread of grading and focus around the look.
+    overcast: float = 0.0
+    look_jitter: float = 0.0
+    max_blur: float = 0.0
 
 
 # The world's materials, shared by both domains; each overrides what its look changes.
@@ -132,6 +139,7 @@ SOURCE = Domain(
     window=(120, 175, 225),
     sun=True, texture=0.03, saturation=1.2, tint=(1.05, 1.0, 0.92), contrast=1.1, gamma=0.95,
     blur=0.0, noise=0.0, vignette=0.0, jpeg_quality=None,
+    overcast=0.35, look_jitter=0.2, max_blur=0.8,
 )
 
 TARGET = Domain(
@@ -644,8 +652,28 @@ def _develop(canvas: _Canvas, dom: Domain, rng: np.random.Generator) -> np.ndarr
     return np.asarray(image, dtype=np.uint8)
 
 
+_OVERCAST_SKIES = (((150, 160, 175), (210, 214, 220)), ((180, 184, 190), (222, 224, 228)))
+
+
+def _frame_look(dom: Domain, rng: np.random.Generator) -> Domain:
+    """This frame's weather: the domain's look, overcast on some frames, graded and focused
+    a little differently on each (draws nothing for a domain without weather)."""
+    if not (dom.overcast or dom.look_jitter or dom.max_blur):
+        return dom
+    overcast = rng.random() < dom.overcast
+    j = dom.look_jitter
+    return replace(
+        dom, sun=dom.sun and not overcast, skies=_OVERCAST_SKIES if overcast else dom.skies,
+        saturation=dom.saturation * rng.uniform(1 - j, 1 + j) * (0.8 if overcast else 1.0),
+        tint=tuple(float(t * rng.uniform(1 - j / 4, 1 + j / 4)) for t in dom.tint),
+        contrast=dom.contrast * rng.uniform(1 - j / 2, 1 + j / 2),
+        gamma=dom.gamma * rng.uniform(1 - j / 2, 1 + j / 2),
+        blur=float(rng.uniform(0, dom.max_blur)))
+
+
 def render(dom: Domain, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One scene: RGB image (H, W, 3) uint8 and Cityscapes label ids (H, W) uint8."""
+    dom = _frame_look(dom, rng)
     w, h = dom.size
     cam = _Camera(f=0.95 * w, cx=w * rng.uniform(0.44, 0.56), horizon=h * rng.uniform(*dom.horizon),
                   height=dom.camera_height)
