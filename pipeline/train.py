@@ -443,12 +443,12 @@ def train_loop(loop_config: dict) -> None:
                 parts = region_guided_loss(logits, y, IGNORE_INDEX, cfg.confident_weight, cfg.ignored_weight)
                 loss = parts.total
                 terms.update(seg=parts.seg, confident_reg=parts.confident, ignored_reg=parts.ignored)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_probs = teacher(batch[0]).float().softmax(1)
-                consistency = consistency_loss(logits, teacher_probs, y)
-                loss = loss + cfg.consistency_weight * consistency
-                terms["consistency"] = consistency
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_probs = teacher(batch[0]).float().softmax(1)
+                    consistency = consistency_loss(logits, teacher_probs, y)
+                    loss = loss + cfg.consistency_weight * consistency
+                    terms["consistency"] = consistency
             else:
                 loss = cross_entropy(logits, y)
                 terms["seg"] = loss
