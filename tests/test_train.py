@@ -119,12 +119,18 @@ def test_ema_update_moves_weights_and_batchnorm_statistics():
     assert after["1.num_batches_tracked"] == taught["1.num_batches_tracked"] == 1
 
 
-def test_iast_round_trains_on_the_region_guided_loss(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
-    """Without a teacher the round's loss is L_seg + w_c·R_c + w_i·R_i, not plain cross-entropy."""
+def _cbst_store(tmp_path, benchmark_data, checkpoint) -> str:
+    """A label store from CBST, which keeps pixels of even a barely trained generator."""
     store = str(tmp_path / "labels")
-    make_labels(PseudoLabelConfig(target=benchmark_data["target"], store=store, checkpoint=small_checkpoint,
+    make_labels(PseudoLabelConfig(target=benchmark_data["target"], store=store, checkpoint=checkpoint,
                                   arch="deeplabv2_small", size=(128, 64),
                                   selector=SelectorConfig("cbst", portion=0.5)))
+    return store
+
+
+def test_iast_round_trains_on_the_region_guided_loss(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
+    """Without a teacher the round's loss is L_seg + w_c·R_c + w_i·R_i, not plain cross-entropy."""
+    store = _cbst_store(tmp_path, benchmark_data, small_checkpoint)
     m = fit(_cfg(tmp_path, benchmark_data, name="iast", stage="self_training", source=None, label_store=store,
                  init=small_checkpoint, iterations=2, confident_weight=0.1, ignored_weight=3.0)).metrics
     assert m["train/confident_reg"] > 0 and m["train/ignored_reg"] > 0
@@ -135,10 +141,7 @@ def test_iast_round_trains_on_the_region_guided_loss(ray_cluster, benchmark_data
 
 def test_hiast_round_learns_against_an_ema_teacher_and_resumes_it(ray_cluster, benchmark_data, small_checkpoint,
                                                                    tmp_path):
-    store = str(tmp_path / "labels")
-    make_labels(PseudoLabelConfig(target=benchmark_data["target"], store=store, checkpoint=small_checkpoint,
-                                  arch="deeplabv2_small", size=(128, 64),
-                                  selector=SelectorConfig("cbst", portion=0.5)))
+    store = _cbst_store(tmp_path, benchmark_data, small_checkpoint)
     kw = dict(stage="self_training", source=None, label_store=store, init=small_checkpoint, iterations=4,
               teacher_momentum=0.9, consistency_weight=0.5, hard_classes=5, max_failures=0)
 
