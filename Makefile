@@ -35,7 +35,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # -- the built-in benchmark ------------------------------------------------------------
-$(DATA)/target/lists/cityscapes_val.txt: | $(STAMP)
+$(DATA)/target/lists/cityscapes_val.txt: pipeline/data/benchmark.py | $(STAMP)
 	$(PY) jobs/make_benchmark.py --out $(DATA)
 	$(PY) jobs/prepare_data.py --dataset gta5 --root $(DATA)/source
 	$(PY) jobs/prepare_data.py --dataset cityscapes --root $(DATA)/target

@@ -201,6 +201,7 @@ def prediction_settings(cfg: PseudoLabelConfig, samples: list[Sample]) -> dict:
         "test_sizes": [list(s) for s in cfg.test_sizes],
         "flip": cfg.flip,
         "images_sha256": _hash([(s.name, s.image) for s in samples]),
+        "target_fingerprint": cfg.target.fingerprint(),  # the images' and labels' contents
         "num_images": len(samples),
         "part_size": cfg.part_size,
     }

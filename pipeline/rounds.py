@@ -36,16 +36,35 @@ class StageRecord:
     checkpoint: str
     metrics: dict = field(default_factory=dict)  # val/... (and pseudo/... for rounds)
     lineage: dict = field(default_factory=dict)  # where its weights and labels came from
+    data: dict = field(default_factory=dict)  # the fingerprint of each data split it ran on
+
+
+def _data_fingerprints(cfg: ExperimentConfig) -> dict:
+    return {key: getattr(cfg.data, key).fingerprint() for key in ("source", "target", "val")}
 
 
 def read_record(cfg: ExperimentConfig, stage: str) -> StageRecord | None:
+    """The stage's completion record, or None when it has not finished. A record made
+    from other data than the config's (a split re-generated or re-prepared since) is an
+    error: its checkpoint and metrics would be silently reused for the new data."""
     uri = cfg.stage_record(stage)
     if not storage.exists(uri):
         return None
-    return StageRecord(**json.loads(storage.read_bytes(uri)))
+    record = StageRecord(**json.loads(storage.read_bytes(uri)))
+    now = _data_fingerprints(cfg)
+    changed = [key for key, fingerprint in record.data.items() if now.get(key) != fingerprint]
+    if changed:
+        splits = ", ".join(f"data.{key} ({getattr(cfg.data, key).root})" for key in changed)
+        raise RuntimeError(
+            f"{uri}: stage {stage} finished on other data than {splits} holds now (the split was "
+            f"re-generated or re-prepared since): write to a new output=..., or delete {cfg.output} "
+            "to run every stage again"
+        )
+    return record
 
 
 def _write_record(cfg: ExperimentConfig, record: StageRecord) -> StageRecord:
+    record.data = _data_fingerprints(cfg)
     storage.write_bytes(cfg.stage_record(record.stage), json.dumps(record.__dict__, indent=2).encode())
     return record
 

@@ -135,3 +135,26 @@ def test_data_config_makes_local_paths_absolute_and_keeps_uris(tmp_path, monkeyp
     local = DataConfig("cityscapes", "data/cs", "val", prepared="prep")
     assert local.root == str(tmp_path / "data" / "cs") and local.prepared == str(tmp_path / "prep")
     assert DataConfig("gta5", "s3://bucket/gta5").root == "s3://bucket/gta5"
+
+
+def test_fingerprint_follows_the_prepared_contents_not_the_run(tmp_path):
+    from pipeline.data.datasets import DataConfig
+
+    root = tmp_path / "gta5"
+    frames = make_gta5(root, ["00001", "00002"])
+    prepare("gta5", str(root), workers=1)
+    data = DataConfig("gta5", str(root))
+    before = data.fingerprint()
+    prepare("gta5", str(root), workers=1)
+    assert data.fingerprint() == before  # the same frames prepared again
+
+    image, _ = frames["00002"]
+    save(root / "images" / "00002.png", 255 - image)  # one frame re-rendered, same size and label
+    prepare("gta5", str(root), workers=1)
+    rerendered = data.fingerprint()
+    assert rerendered != before
+
+    _, ids = frames["00001"]
+    save(root / "labels" / "00001.png", np.where(ids == 7, 8, ids).astype(np.uint8))  # one frame relabelled
+    prepare("gta5", str(root), workers=1)
+    assert data.fingerprint() not in (before, rerendered)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import runpy
 import struct
 import subprocess
@@ -178,6 +179,7 @@ def test_gta5_train_ids_lists_stats_and_bad_frames(tmp_path):
         train = GTA5_ID_TO_TRAIN[labels[row["name"]]]
         counts = np.bincount(train.ravel(), minlength=256)
         assert (row["width"], row["height"]) == (8, 6)
+        assert row["image_sha256"] == hashlib.sha256((root / "images" / f"{row['name']}.png").read_bytes()).hexdigest()
         assert row["class_pixels"] == counts[:NUM_CLASSES].tolist()
         assert row["ignore_pixels"] == counts[255]
         assert sum(row["class_pixels"]) + row["ignore_pixels"] == 48
@@ -270,7 +272,9 @@ def test_cityscapes_split_without_gtfine_is_unlabeled(tmp_path):
     (train,) = list_samples("cityscapes", str(root), "train")
     assert train.label is None and train.image.endswith("synthcity_000000_000000_leftImg8bit.png")
     (row,) = pq.read_table(root / "stats" / "cityscapes_train.parquet").to_pylist()
+    image = root / "leftImg8bit" / "train" / "synthcity" / "synthcity_000000_000000_leftImg8bit.png"
     assert row == {"name": "synthcity_000000_000000", "width": 8, "height": 4,
+                   "image_sha256": hashlib.sha256(image.read_bytes()).hexdigest(),
                    "class_pixels": None, "ignore_pixels": None}
     assert list_samples("cityscapes", str(root), "val")[0].label is not None
 

@@ -215,3 +215,34 @@ def test_warm_up_without_stages_starts_the_rounds_from_the_given_model(benchmark
     assert record.checkpoint == str(given) and record.metrics == {}
     with pytest.raises(ValueError, match="model.init"):
         warm_up(tiny_experiment(benchmark_data, tmp_path / "out2", **{"source_only.iterations": 0}), None)
+
+
+def test_a_stage_finished_on_other_data_is_not_reused(benchmark_data, tmp_path):
+    import shutil
+
+    from pipeline.data.prepare import prepare
+    from pipeline.rounds import StageRecord, _write_record
+
+    target = tmp_path / "target"
+    shutil.copytree(benchmark_data["root"] / "target", target)
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{"data.target.root": str(target),
+                                                                "data.val.root": str(target)})
+    record = _write_record(cfg, StageRecord("round_1", str(tmp_path / "r1.pt"), {"val/mIoU-19": 0.25}))
+    assert set(record.data) == {"source", "target", "val"}
+    assert read_record(cfg, "round_1") == record
+
+    # the target's train images are re-generated and prepared again: the round is stale
+    frame = cfg.data.target.samples()[0].image
+    with open(frame, "rb") as f:
+        image = f.read()
+    generated = sorted(target.rglob("*_leftImg8bit.png"))
+    other = next(p for p in generated if str(p) != frame and "train" in p.parts)
+    shutil.copyfile(other, frame)
+    prepare("cityscapes", str(target), workers=1)
+    with pytest.raises(RuntimeError, match=r"stage round_1 finished on other data than data\.target \(.*target\)"):
+        read_record(cfg, "round_1")
+
+    with open(frame, "wb") as f:  # the original frame back: the record is current again
+        f.write(image)
+    prepare("cityscapes", str(target), workers=1)
+    assert read_record(cfg, "round_1") == record

@@ -15,6 +15,7 @@ Every path may be a local folder or an ``s3://`` URI.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -62,6 +63,17 @@ class DataConfig:
 
     def samples(self) -> list[Sample]:
         return list_samples(self.dataset, self.root, self.split, self.prepared)
+
+    def fingerprint(self) -> str:
+        """A digest of the prepared split: its frame list and its statistics, which hold
+        every image's digest and every label's class counts. It changes when a frame is
+        added, removed, re-rendered or relabelled (and ``jobs/prepare_data.py`` re-run),
+        so that work finished on other data is never silently reused."""
+        digest = hashlib.sha256()
+        prepared = self.prepared or self.root
+        for uri in (list_uri(prepared, self.dataset, self.split), stats_uri(prepared, self.dataset, self.split)):
+            digest.update(storage.read_bytes(uri) if storage.exists(uri) else b"missing")
+        return digest.hexdigest()[:16]
 
 
 def check_split(dataset: str, split: str) -> None:

@@ -31,6 +31,7 @@ Outputs under ``out`` (default: the root), read by ``pipeline.data.datasets``:
   ============== ============ ================================================
   name           string       frame name
   width, height  int32        image size in pixels
+  image_sha256   string       digest of the image file (a re-rendered frame changes it)
   class_pixels   list<int64>  pixel count of each train id 0..18 (19 values)
   ignore_pixels  int64        pixels labelled 255
   ============== ============ ================================================
@@ -43,6 +44,7 @@ train-id files of frames no longer listed are removed, so a re-run overwrites cl
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -106,6 +108,7 @@ _STATS_SCHEMA = pa.schema(
         ("name", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("image_sha256", pa.string()),
         ("class_pixels", pa.list_(pa.int64())),
         ("ignore_pixels", pa.int64()),
     ]
@@ -336,6 +339,7 @@ class _Result:
     name: str
     width: int = 0
     height: int = 0
+    image_sha256: str | None = None
     class_pixels: list[int] | None = None
     ignore_pixels: int | None = None
     problems: list[str] = field(default_factory=list)
@@ -360,7 +364,9 @@ def _prepare_frame(task: tuple[str, str, str, str, Frame]) -> _Result:
     dataset, root, out, split, frame = task
     result = _Result(frame.name)
     try:
-        image = _load(_open_png(_read(root, frame.image), frame.image), frame.image)
+        data = _read(root, frame.image)
+        result.image_sha256 = hashlib.sha256(data).hexdigest()
+        image = _load(_open_png(data, frame.image), frame.image)
         result.width, result.height = image.size
     except ValueError as e:
         result.problems.append(str(e))
@@ -436,6 +442,7 @@ def _write_split(
             "name": r.name,
             "width": r.width,
             "height": r.height,
+            "image_sha256": r.image_sha256,
             "class_pixels": r.class_pixels,
             "ignore_pixels": r.ignore_pixels,
         }
