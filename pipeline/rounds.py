@@ -51,8 +51,7 @@ def read_record(cfg: ExperimentConfig, stage: str) -> StageRecord | None:
     if not storage.exists(uri):
         return None
     record = StageRecord(**json.loads(storage.read_bytes(uri)))
-    now = _data_fingerprints(cfg)
-    changed = [key for key, fingerprint in record.data.items() if now.get(key) != fingerprint]
+    changed = [key for key, fingerprint in record.data.items() if getattr(cfg.data, key).fingerprint() != fingerprint]
     if changed:
         splits = ", ".join(f"data.{key} ({getattr(cfg.data, key).root})" for key in changed)
         raise RuntimeError(
