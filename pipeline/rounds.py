@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 import torch
+from PIL import Image
 
 from pipeline import config as config_lib
 from pipeline import pseudo_label, storage, train
@@ -28,6 +29,7 @@ from pipeline.evaluation import ConfusionMatrix, predict_probs
 from pipeline.experiment import ConsistencyConfig, ExperimentConfig
 from pipeline.models import build_model, load_checkpoint
 from pipeline.tracking import ExperimentTracker, default_tracking_uri
+from pipeline.visualize import contact_sheet, headed_grid, label_cells, save_png
 
 
 @dataclass
@@ -219,6 +221,62 @@ def run_final_eval(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRe
     return _write_record(cfg, StageRecord("final_eval", last.checkpoint, metrics, {"evaluated": last.stage}))
 
 
+STAGES_FIGURE = "figures/stages_on_val.png"
+FIGURE_WIDTH = 384  # pixels per column: Cityscapes' 2048 columns would make a 14k-pixel sheet
+
+
+@ray.remote
+def _predict_stages(arch: str, num_classes: int, checkpoints: list[str], samples: list[Sample]) -> list[list[np.ndarray]]:
+    """Single-scale predictions (train ids at label resolution) of each checkpoint on each sample."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images = [normalize(torch.from_numpy(load_image(s.image))[None]) for s in samples]
+    sizes = [load_label(s.label).shape[::-1] for s in samples]
+    predictions = []
+    for checkpoint in checkpoints:
+        model = build_model(arch, num_classes)
+        load_checkpoint(model, checkpoint)
+        model.to(device).eval()
+        predictions.append([predict_probs(model, x.to(device), output_size=size).argmax(1)[0].byte().cpu().numpy()
+                            for x, size in zip(images, sizes)])
+    return predictions
+
+
+def _shrink(image: np.ndarray, width: int) -> np.ndarray:
+    if image.shape[1] <= width:
+        return image
+    height = round(image.shape[0] * width / image.shape[1])
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def stages_figure(cfg: ExperimentConfig, records: list[StageRecord], num_images: int = 4) -> Image.Image:
+    """What each stage predicts on the same target val images: image | one column per
+    stage (its val mIoU-19 in the header) | ground truth, spread over the val set."""
+    samples = cfg.data.val.samples()
+    samples = samples[:: max(1, len(samples) // num_images)][:num_images]
+    task = _predict_stages.options(num_gpus=1 if cfg.compute.use_gpu else 0, num_cpus=cfg.compute.cpus_per_worker)
+    predictions = ray.get(task.remote(cfg.model.arch, cfg.num_classes, [r.checkpoint for r in records], samples))
+    rows = []
+    for i, sample in enumerate(samples):
+        image = _shrink(load_image(sample.image), FIGURE_WIDTH)
+        rows.append(label_cells(image, *(stage[i] for stage in predictions), load_label(sample.label)))
+    headers = ["target val image"] + [
+        f"{r.stage} ({100 * r.metrics['val/mIoU-19']:.1f})" if "val/mIoU-19" in r.metrics else r.stage for r in records
+    ] + ["ground truth"]
+    title = f"{cfg.name}: each stage on the same target val images (single scale; val mIoU-19 in brackets)"
+    caption = f"{cfg.data.val.root} ({cfg.data.val.split}): " + ", ".join(s.name for s in samples)
+    return contact_sheet([(caption, [[np.asarray(headed_grid(headers, rows))]])], title=title)
+
+
+def _log_stages_figure(cfg: ExperimentConfig, tracker: ExperimentTracker, records: list[StageRecord]) -> None:
+    """Draws the figure once, when the chain has finished (delete it to draw it again)."""
+    path = storage.join(cfg.output, STAGES_FIGURE)
+    if storage.exists(path):
+        return
+    shown = [r for r in records if r.stage != "final_eval"]  # the last round's weights, evaluated again
+    save_png(stages_figure(cfg, shown), path)
+    tracker.log_files(tracker.parent_run_id, [path], "figures")
+
+
 def run_experiment(cfg: ExperimentConfig, tracker: ExperimentTracker, until: str | None = None) -> list[StageRecord]:
     """The whole chain in order; finished stages are skipped. Returns the records in order
     (warm-up stages, rounds, final evaluation, oracle). ``until``: stop after "warmup" or
@@ -235,6 +293,7 @@ def run_experiment(cfg: ExperimentConfig, tracker: ExperimentTracker, until: str
         records.append(run_final_eval(cfg, tracker))
         if cfg.oracle.iterations > 0:
             records.append(run_training_stage(cfg, "oracle", tracker, init=None))
+        _log_stages_figure(cfg, tracker, records)
     return records
 
 

@@ -45,14 +45,21 @@ def overlay(image: ImageLike, label: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return np.where((label < NUM_CLASSES)[..., None], blend, image).astype(np.uint8)
 
 
-def preview_row(image: ImageLike, *label_maps: np.ndarray) -> np.ndarray:
-    """image | colorize(label_1) | colorize(label_2) ..., with white gaps; label maps are
-    resized (nearest) to the image's size, e.g. a pseudo-label and the ground truth."""
+def label_cells(image: ImageLike, *label_maps: np.ndarray) -> list[np.ndarray]:
+    """[image, colorize(label_1), colorize(label_2), ...] with every label map resized
+    (nearest) to the image's size: one row of cells for `side_by_side` or `headed_grid`."""
     image = _array(image)
-    gap = np.full((image.shape[0], GAP, 3), 255, dtype=np.uint8)
-    parts = [image]
-    for label in label_maps:
-        parts += [gap, colorize(_fit(label, image.shape[:2]))]
+    return [image] + [colorize(_fit(label, image.shape[:2])) for label in label_maps]
+
+
+def preview_row(image: ImageLike, *label_maps: np.ndarray) -> np.ndarray:
+    """image | colorize(label_1) | colorize(label_2) ..., with white gaps; e.g. a
+    pseudo-label and the ground truth."""
+    cells = label_cells(image, *label_maps)
+    gap = np.full((cells[0].shape[0], GAP, 3), 255, dtype=np.uint8)
+    parts = [cells[0]]
+    for cell in cells[1:]:
+        parts += [gap, cell]
     return np.concatenate(parts, axis=1)
 
 
@@ -74,6 +81,18 @@ def side_by_side(rows: Sequence[Sequence[ImageLike]]) -> Image.Image:
             x += width + GAP
         y += height + GAP
     return sheet
+
+
+def headed_grid(headers: Sequence[str], rows: Sequence[Sequence[ImageLike]]) -> Image.Image:
+    """`side_by_side` with a caption over each column (e.g. the stage a column shows)."""
+    rows = [[_array(cell) for cell in row] for row in rows]
+    if not rows or not all(rows):
+        raise ValueError("headed_grid needs at least one row and one image per row")
+    ncols = max(len(row) for row in rows)
+    if len(headers) != ncols:
+        raise ValueError(f"{len(headers)} headers for {ncols} columns")
+    widths = [max(row[c].shape[1] for row in rows if c < len(row)) for c in range(ncols)]
+    return side_by_side([[np.asarray(_text_strip(h, w)) for h, w in zip(headers, widths)], *rows])
 
 
 def _text_strip(text: str, width: int) -> Image.Image:

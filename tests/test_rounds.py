@@ -6,11 +6,13 @@ import confusions  # jobs/confusions.py: conftest puts jobs/ on the path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from PIL import Image
 
 from pipeline import config, pseudo_label
+from pipeline.data.datasets import load_image
 from pipeline.experiment import ExperimentConfig
 from pipeline.label_store import LabelStore
-from pipeline.rounds import read_record, run_experiment, run_round, run_warmup
+from pipeline.rounds import STAGES_FIGURE, read_record, run_experiment, run_round, run_warmup
 from pipeline.tracking import ExperimentTracker, comparison_table, default_tracking_uri
 
 
@@ -69,8 +71,16 @@ def test_chain_is_tracked_and_a_rerun_does_no_work(ray_cluster, benchmark_data, 
     assert round_1.params["pseudo.selector.alpha"] == "0.2"
     assert "round_2" in comparison_table(tracker.tracking_uri, "tiny")
 
+    # the stages side by side on target val images: image | source_only | round_1 | round_2 | ground truth
+    figure = tmp_path / "out" / STAGES_FIGURE
+    val_width = load_image(cfg.data.val.samples()[0].image).shape[1]
+    assert Image.open(figure).width > 5 * val_width
+    parent = by_stage["experiment"].info.run_id
+    assert [a.path for a in client.list_artifacts(parent, "figures")] == ["figures/stages_on_val.png"]
+
     # a finished chain does nothing on a re-run: same records, no new runs, no new files
     stamp = {p: os.stat(p).st_mtime_ns for p in map(str, (tmp_path / "out").rglob("*.parquet"))}
+    stamp[str(figure)] = os.stat(figure).st_mtime_ns
     again = run_experiment(cfg, _tracker(cfg))
     assert [r.__dict__ for r in again] == [r.__dict__ for r in records]
     assert len(client.search_runs([tracker.experiment_id])) == len(runs)

@@ -3,7 +3,8 @@ import pytest
 from PIL import Image
 
 from pipeline.labels import IGNORE_INDEX, colorize
-from pipeline.visualize import GAP, contact_sheet, legend, overlay, preview_row, save_png, side_by_side
+from pipeline.visualize import (GAP, contact_sheet, headed_grid, label_cells, legend, overlay, preview_row, save_png,
+                                side_by_side)
 
 
 def _image(h, w, value=0):
@@ -26,6 +27,30 @@ def test_preview_row_concatenates_image_and_coloured_labels():
     assert (row[:, 12:12 + GAP] == 255).all()
     assert np.array_equal(row[:, 12 + GAP:24 + GAP], colorize(np.repeat(np.repeat(pseudo, 2, 0), 2, 1)))
     assert np.array_equal(row[:, -12:], colorize(gt))
+
+
+def test_label_cells_colour_each_map_at_the_image_size():
+    image, gt = _image(8, 12), _label(8, 12)
+    cells = label_cells(image, gt[::2, ::2], gt)
+    assert len(cells) == 3 and np.array_equal(cells[0], image)
+    assert np.array_equal(cells[1], colorize(np.repeat(np.repeat(gt[::2, ::2], 2, 0), 2, 1)))
+    assert np.array_equal(cells[2], colorize(gt))
+
+
+def test_headed_grid_puts_a_caption_over_each_column():
+    a, b = _image(10, 30, 1), _image(10, 40, 2)
+    sheet = np.asarray(headed_grid(["left", "right"], [[a, b], [b, a]]))
+    header = sheet.shape[0] - 4 * GAP - 2 * 10  # the caption row's height
+    assert header > 0 and sheet.shape[1] == GAP + 40 + GAP + 40 + GAP
+    top = GAP + header + GAP
+    assert np.array_equal(sheet[top:top + 10, GAP:GAP + 30], a)
+    assert np.array_equal(sheet[top:top + 10, 2 * GAP + 40:2 * GAP + 80], b)
+    assert np.array_equal(sheet[top + 10 + GAP:top + 20 + GAP, GAP:GAP + 40], b)
+    for x in (GAP, 2 * GAP + 40):  # dark text over each column, on white
+        caption = sheet[GAP:GAP + header, x:x + 40]
+        assert caption.min() < 100 and np.median(caption) == 255
+    with pytest.raises(ValueError, match="1 headers for 2 columns"):
+        headed_grid(["only one"], [[a, b]])
 
 
 def test_overlay_blends_labelled_pixels_only():
