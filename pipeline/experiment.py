@@ -113,9 +113,10 @@ class SelfTrainingConfig:
     instance_size: int = 1
     cbst_portion: float = 0.2
     constant_threshold: float = 0.9
-    # "ground_truth": the selected pixels take their true class, an upper bound for
-    # diagnosis only (see pipeline.pseudo_label.SelectorConfig); needs target labels.
-    label_values: Literal["prediction", "ground_truth"] = "prediction"
+    # "ground_truth": the selected pixels take their true class, an upper bound;
+    # "correct_only": the wrongly labelled ones are dropped. Diagnostics only, they need the
+    # target's labels (see pipeline.pseudo_label.SelectorConfig).
+    label_values: Literal["prediction", "ground_truth", "correct_only"] = "prediction"
     confident_weight: float = 0.1
     ignored_weight: float = 3.0
     consistency: ConsistencyConfig | None = None  # set: HIAST's training; null: IAST's

@@ -39,7 +39,7 @@ from pipeline.models import build_model, load_checkpoint
 from pipeline.visualize import preview_row, save_png
 
 SELECTORS = ("ias", "cbst", "constant")
-LABEL_VALUES = ("prediction", "ground_truth")
+LABEL_VALUES = ("prediction", "ground_truth", "correct_only")
 
 
 @dataclass
@@ -53,10 +53,12 @@ class SelectorConfig:
     instance_size: int = 1  # IAS: images per instance (the released code used 2)
     portion: float = 0.2  # CBST: share of each class's pixels kept
     threshold: float = 0.9  # constant threshold
-    # What a selected pixel is labelled with: the generator's class (the method), or, as a
-    # diagnostic upper bound, its ground-truth class (needs target labels). The gap between
-    # the two is what the selected pixels' wrong labels cost; it measures the generator's
-    # confident mistakes apart from which pixels the selector keeps.
+    # What a selected pixel is labelled with: the generator's class (the method), or, as
+    # diagnostics that need the target's labels, its ground-truth class ("ground_truth":
+    # wrong labels corrected) or the generator's class where it is right and nothing where
+    # it is wrong ("correct_only": wrong labels dropped). The gap from the method to
+    # "correct_only" is what the wrong labels cost as noise; from "correct_only" to
+    # "ground_truth", what their true classes would teach besides.
     label_values: str = "prediction"
 
     def __post_init__(self):
@@ -328,10 +330,15 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
                     store.write_labels(part, rows, metadata)
                     rows, part = [], r.index // cfg.part_size
                 label = selectors.select(r.confidence, r.prediction, theta)
-                if cfg.selector.label_values == "ground_truth":
+                if cfg.selector.label_values != "prediction":
                     if r.ground_truth is None:
-                        raise ValueError(f"selector.label_values=ground_truth: no ground truth was read for {r.image}")
-                    label = np.where(label != IGNORE_INDEX, r.ground_truth, IGNORE_INDEX).astype(np.uint8)
+                        raise ValueError(f"selector.label_values={cfg.selector.label_values}: no ground truth was "
+                                         f"read for {r.image}")
+                    keep = label != IGNORE_INDEX
+                    if cfg.selector.label_values == "ground_truth":
+                        label = np.where(keep, r.ground_truth, IGNORE_INDEX).astype(np.uint8)
+                    else:
+                        label = np.where(keep & (label == r.ground_truth), label, IGNORE_INDEX).astype(np.uint8)
                 kept = np.bincount(label[label != IGNORE_INDEX], minlength=k)[:k]
                 difficulty.update(r.confidence, label)
                 correct = None
@@ -404,10 +411,10 @@ def run(cfg: PseudoLabelConfig) -> dict:
         raise ValueError(f"no target images to pseudo-label in {cfg.target.root} ({cfg.target.split})")
     if not storage.exists(cfg.checkpoint):
         raise FileNotFoundError(f"generator checkpoint {cfg.checkpoint} not found")
-    unlabelled = [s.name for s in samples if s.label is None] if cfg.selector.label_values == "ground_truth" else []
+    unlabelled = [s.name for s in samples if s.label is None] if cfg.selector.label_values != "prediction" else []
     if unlabelled:
         raise ValueError(
-            f"selector.label_values=ground_truth needs the target's labels, but {len(unlabelled)} image(s) of "
+            f"selector.label_values={cfg.selector.label_values} needs the target's labels, but {len(unlabelled)} image(s) of "
             f"{cfg.target.root} ({cfg.target.split}) have none, e.g. {unlabelled[0]}: use a labelled split "
             "or label_values=prediction"
         )

@@ -132,7 +132,7 @@ def test_skip_unreadable_counts_and_excludes_the_image(ray_cluster, benchmark_da
     assert samples[2].name not in names and len(names) == 9
 
 
-def test_true_classes_at_the_selected_pixels_is_an_upper_bound_diagnostic(
+def test_true_classes_or_only_right_labels_at_the_selected_pixels_are_diagnostics(
     ray_cluster, benchmark_data, small_checkpoint, tmp_path
 ):
     target = benchmark_data["target"]
@@ -141,21 +141,27 @@ def test_true_classes_at_the_selected_pixels_is_an_upper_bound_diagnostic(
     method = run(_cfg(tmp_path / "pred", target, small_checkpoint, selector=SelectorConfig("cbst", portion=0.5)))
     truth_selector = SelectorConfig("cbst", portion=0.5, label_values="ground_truth")
     truth = run(_cfg(tmp_path / "truth", target, small_checkpoint, selector=truth_selector))
+    correct_selector = SelectorConfig("cbst", portion=0.5, label_values="correct_only")
+    correct = run(_cfg(tmp_path / "correct", target, small_checkpoint, selector=correct_selector))
     pred_rows, predictions = _store_rows(str(tmp_path / "pred"))
     truth_rows, _ = _store_rows(str(tmp_path / "truth"))
+    correct_rows, _ = _store_rows(str(tmp_path / "correct"))
     changed = 0
-    for p, t, prediction in zip(pred_rows, truth_rows, predictions):
+    for p, t, c, prediction in zip(pred_rows, truth_rows, correct_rows, predictions):
         gt = np.frombuffer(prediction["ground_truth"], np.uint8).reshape(p["height"], p["width"])
-        selected, relabelled = decode_label(p), decode_label(t)
-        assert p["thresholds"] == t["thresholds"]  # the same selection ...
+        selected, relabelled, kept_if_right = decode_label(p), decode_label(t), decode_label(c)
+        assert p["thresholds"] == t["thresholds"] == c["thresholds"]  # the same selection ...
         assert np.array_equal(relabelled, np.where(selected != 255, gt, 255))  # ... with the true classes
+        assert np.array_equal(kept_if_right, np.where(selected == gt, selected, 255))  # ... or only its right labels
         changed += int(((selected != relabelled) & (selected != 255) & (gt != 255)).sum())
     assert changed > 0  # the random generator's kept labels were partly wrong
     assert 0.2 < method["statistics"]["coverage_all"] < 0.8
     assert method["statistics"]["precision_all"] < 1.0
-    assert truth["statistics"]["precision_all"] == 1.0
+    assert truth["statistics"]["precision_all"] == correct["statistics"]["precision_all"] == 1.0
+    assert correct["statistics"]["coverage_all"] < method["statistics"]["coverage_all"]
     assert truth["selector"]["label_values"] == "ground_truth" and "label_values" not in method["selector"]
-    assert truth["config_hash"] != method["config_hash"]
+    assert correct["selector"]["label_values"] == "correct_only"
+    assert len({truth["config_hash"], correct["config_hash"], method["config_hash"]}) == 3
 
 
 def test_true_classes_need_target_labels_and_a_known_mode(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
