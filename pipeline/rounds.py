@@ -29,7 +29,7 @@ from pipeline.evaluation import ConfusionMatrix, predict_probs
 from pipeline.experiment import ConsistencyConfig, ExperimentConfig
 from pipeline.models import build_model, load_checkpoint
 from pipeline.tracking import ExperimentTracker, default_tracking_uri
-from pipeline.visualize import contact_sheet, headed_grid, label_cells, save_png
+from pipeline.visualize import contact_sheet, fit_width, label_cells, save_png, side_by_side
 
 
 @dataclass
@@ -227,25 +227,16 @@ FIGURE_WIDTH = 384  # pixels per column: Cityscapes' 2048 columns would make a 1
 
 @ray.remote
 def _predict_stages(arch: str, num_classes: int, checkpoints: list[str], samples: list[Sample]) -> list[list[np.ndarray]]:
-    """Single-scale predictions (train ids at label resolution) of each checkpoint on each sample."""
+    """Single-scale predictions (train ids at image size) of each checkpoint on each sample."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images = [normalize(torch.from_numpy(load_image(s.image))[None]) for s in samples]
-    sizes = [load_label(s.label).shape[::-1] for s in samples]
+    images = [normalize(torch.from_numpy(load_image(s.image))[None]).to(device) for s in samples]
     predictions = []
     for checkpoint in checkpoints:
         model = build_model(arch, num_classes)
         load_checkpoint(model, checkpoint)
         model.to(device).eval()
-        predictions.append([predict_probs(model, x.to(device), output_size=size).argmax(1)[0].byte().cpu().numpy()
-                            for x, size in zip(images, sizes)])
+        predictions.append([predict_probs(model, x).argmax(1)[0].byte().cpu().numpy() for x in images])
     return predictions
-
-
-def _shrink(image: np.ndarray, width: int) -> np.ndarray:
-    if image.shape[1] <= width:
-        return image
-    height = round(image.shape[0] * width / image.shape[1])
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
 def stages_figure(cfg: ExperimentConfig, records: list[StageRecord], num_images: int = 4) -> Image.Image:
@@ -255,16 +246,15 @@ def stages_figure(cfg: ExperimentConfig, records: list[StageRecord], num_images:
     samples = samples[:: max(1, len(samples) // num_images)][:num_images]
     task = _predict_stages.options(num_gpus=1 if cfg.compute.use_gpu else 0, num_cpus=cfg.compute.cpus_per_worker)
     predictions = ray.get(task.remote(cfg.model.arch, cfg.num_classes, [r.checkpoint for r in records], samples))
-    rows = []
-    for i, sample in enumerate(samples):
-        image = _shrink(load_image(sample.image), FIGURE_WIDTH)
-        rows.append(label_cells(image, *(stage[i] for stage in predictions), load_label(sample.label)))
+    rows = [label_cells(fit_width(load_image(sample.image), FIGURE_WIDTH), *(stage[i] for stage in predictions),
+                        load_label(sample.label))
+            for i, sample in enumerate(samples)]
     headers = ["target val image"] + [
         f"{r.stage} ({100 * r.metrics['val/mIoU-19']:.1f})" if "val/mIoU-19" in r.metrics else r.stage for r in records
     ] + ["ground truth"]
     title = f"{cfg.name}: each stage on the same target val images (single scale; val mIoU-19 in brackets)"
     caption = f"{cfg.data.val.root} ({cfg.data.val.split}): " + ", ".join(s.name for s in samples)
-    return contact_sheet([(caption, [[np.asarray(headed_grid(headers, rows))]])], title=title)
+    return contact_sheet([(caption, [[np.asarray(side_by_side(rows, headers))]])], title=title)
 
 
 def _log_stages_figure(cfg: ExperimentConfig, tracker: ExperimentTracker, records: list[StageRecord]) -> None:

@@ -47,7 +47,7 @@ def overlay(image: ImageLike, label: np.ndarray, alpha: float = 0.5) -> np.ndarr
 
 def label_cells(image: ImageLike, *label_maps: np.ndarray) -> list[np.ndarray]:
     """[image, colorize(label_1), colorize(label_2), ...] with every label map resized
-    (nearest) to the image's size: one row of cells for `side_by_side` or `headed_grid`."""
+    (nearest) to the image's size: one row of cells for `side_by_side`."""
     image = _array(image)
     return [image] + [colorize(_fit(label, image.shape[:2])) for label in label_maps]
 
@@ -63,13 +63,18 @@ def preview_row(image: ImageLike, *label_maps: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def side_by_side(rows: Sequence[Sequence[ImageLike]]) -> Image.Image:
-    """A grid of images on white: one list per row, columns as wide as their widest cell."""
+def side_by_side(rows: Sequence[Sequence[ImageLike]], headers: Sequence[str] | None = None) -> Image.Image:
+    """A grid of images on white: one list per row, columns as wide as their widest cell;
+    ``headers``: a caption over each column (e.g. the stage a column shows)."""
     rows = [[_array(cell) for cell in row] for row in rows]
     if not rows or not all(rows):
         raise ValueError("side_by_side needs at least one row and one image per row")
     ncols = max(len(row) for row in rows)
     widths = [max(row[c].shape[1] for row in rows if c < len(row)) for c in range(ncols)]
+    if headers is not None:
+        if len(headers) != ncols:
+            raise ValueError(f"{len(headers)} headers for {ncols} columns")
+        return side_by_side([[np.asarray(_text_strip(h, w)) for h, w in zip(headers, widths)], *rows])
     heights = [max(cell.shape[0] for cell in row) for row in rows]
     sheet = Image.new("RGB", (sum(widths) + GAP * (ncols + 1), sum(heights) + GAP * (len(rows) + 1)),
                       "white")
@@ -83,16 +88,13 @@ def side_by_side(rows: Sequence[Sequence[ImageLike]]) -> Image.Image:
     return sheet
 
 
-def headed_grid(headers: Sequence[str], rows: Sequence[Sequence[ImageLike]]) -> Image.Image:
-    """`side_by_side` with a caption over each column (e.g. the stage a column shows)."""
-    rows = [[_array(cell) for cell in row] for row in rows]
-    if not rows or not all(rows):
-        raise ValueError("headed_grid needs at least one row and one image per row")
-    ncols = max(len(row) for row in rows)
-    if len(headers) != ncols:
-        raise ValueError(f"{len(headers)} headers for {ncols} columns")
-    widths = [max(row[c].shape[1] for row in rows if c < len(row)) for c in range(ncols)]
-    return side_by_side([[np.asarray(_text_strip(h, w)) for h, w in zip(headers, widths)], *rows])
+def fit_width(image: ImageLike, width: int) -> np.ndarray:
+    """The image scaled down (bilinear) to at most ``width`` pixels wide, aspect kept."""
+    image = _array(image)
+    if image.shape[1] <= width:
+        return image
+    height = round(image.shape[0] * width / image.shape[1])
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
 def _text_strip(text: str, width: int) -> Image.Image:

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from pipeline.labels import IGNORE_INDEX, colorize
-from pipeline.visualize import (GAP, contact_sheet, headed_grid, label_cells, legend, overlay, preview_row, save_png,
+from pipeline.visualize import (GAP, contact_sheet, fit_width, label_cells, legend, overlay, preview_row, save_png,
                                 side_by_side)
 
 
@@ -37,9 +37,9 @@ def test_label_cells_colour_each_map_at_the_image_size():
     assert np.array_equal(cells[2], colorize(gt))
 
 
-def test_headed_grid_puts_a_caption_over_each_column():
+def test_side_by_side_puts_a_caption_over_each_column():
     a, b = _image(10, 30, 1), _image(10, 40, 2)
-    sheet = np.asarray(headed_grid(["left", "right"], [[a, b], [b, a]]))
+    sheet = np.asarray(side_by_side([[a, b], [b, a]], headers=["left", "right"]))
     header = sheet.shape[0] - 4 * GAP - 2 * 10  # the caption row's height
     assert header > 0 and sheet.shape[1] == GAP + 40 + GAP + 40 + GAP
     top = GAP + header + GAP
@@ -50,7 +50,13 @@ def test_headed_grid_puts_a_caption_over_each_column():
         caption = sheet[GAP:GAP + header, x:x + 40]
         assert caption.min() < 100 and np.median(caption) == 255
     with pytest.raises(ValueError, match="1 headers for 2 columns"):
-        headed_grid(["only one"], [[a, b]])
+        side_by_side([[a, b]], headers=["only one"])
+
+
+def test_fit_width_scales_down_wide_images_only():
+    wide, narrow = _image(100, 400), _image(10, 20)
+    assert fit_width(wide, 200).shape == (50, 200, 3)
+    assert np.array_equal(fit_width(narrow, 200), narrow)
 
 
 def test_overlay_blends_labelled_pixels_only():
