@@ -116,7 +116,6 @@ class TrainConfig:
     max_failures: int = 2
     seed: int = 888
     eval_size: tuple[int, int] | None = None  # (width, height) for validation; None: label size
-    eval_batch_size: int = 1
 
     def __post_init__(self):
         for key in ("storage", "init", "imagenet_backbone", "label_store"):
@@ -237,8 +236,11 @@ def _pseudo_labelled_loader(store_uri: str):
         row = rows[i]
         label = decode_label(row)
         image = load_image(row["image"])
-        if image.shape[:2] != label.shape:  # labels live at the pseudo-label size
-            image = np.asarray(Image.fromarray(image).resize(label.shape[::-1], Image.BILINEAR))
+        # Labels live at the pseudo-label size (e.g. 1280x640); the image keeps its own
+        # (2048x1024), so the crop heights of §5 mean what they say: the label is enlarged,
+        # nearest neighbour, as the released code does.
+        if image.shape[:2] != label.shape:
+            label = np.asarray(Image.fromarray(label).resize(image.shape[1::-1], Image.NEAREST))
         return image, label
 
     return load, len(rows)
@@ -461,6 +463,7 @@ def train_loop(loop_config: dict) -> None:
                 target_logits = model(xt)
                 adv = adversarial_loss(discriminator(target_logits.float().softmax(1)))
             scaler.scale(cfg.adversarial_weight * adv).backward()
+            loss = loss + cfg.adversarial_weight * adv.detach()  # train/loss: the generator's whole objective
             discriminator.requires_grad_(True)
             d_optimizer.zero_grad(set_to_none=True)
             with autocast():

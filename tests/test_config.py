@@ -53,3 +53,28 @@ def test_bad_override_and_missing_file(tmp_path):
         config.load(Outer, None, ["name"])
     with pytest.raises(config.ConfigError, match="not found"):
         config.load(Outer, str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("path, source_frames", [
+    ("configs/gta5_cityscapes.yaml", 24966),
+    ("configs/synthia_cityscapes.yaml", 9400),
+])
+def test_reproduction_configs_follow_the_released_protocol(path, source_frames):
+    """Reference §5 and the released run_task files: epochs of the source list at the
+    released batch sizes; batch norm trained in source-only, FREEZEBN afterwards."""
+    from pipeline.experiment import ExperimentConfig
+
+    cfg = config.load(ExperimentConfig, path)
+
+    def epochs(stage):
+        return stage.iterations * stage.batch_size / source_frames
+
+    assert (cfg.source_only.batch_size, cfg.source_only.lr, cfg.source_only.batchnorm) == (8, 1e-4, "train")
+    assert epochs(cfg.source_only) == pytest.approx(8, rel=0.01)
+    assert (cfg.adversarial.batch_size, cfg.adversarial.lr, cfg.adversarial.batchnorm) == (4, 2e-5, "frozen_affine")
+    assert epochs(cfg.adversarial) == pytest.approx(4, rel=0.01)
+    st = cfg.self_training
+    assert (st.batch_size, st.batchnorm, st.gamma, st.beta) == (8, "frozen_affine", 8.0, 0.9)
+    assert epochs(st) == pytest.approx(2, rel=0.01)
+    assert [(r.alpha, r.lr) for r in st.rounds] == [(0.2, 3e-5), (0.25, 2.5e-5), (0.3, 2e-5)]
+    assert (st.confident_weight, st.ignored_weight) == (0.1, 3.0)

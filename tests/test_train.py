@@ -2,6 +2,7 @@ import hashlib
 import os
 import time
 
+import numpy as np
 import pytest
 import ray.train
 import torch
@@ -139,6 +140,13 @@ def test_iast_round_trains_on_the_region_guided_loss(ray_cluster, benchmark_data
     assert m["train/loss"] > m["train/seg"] + 0.01
 
 
+def test_adversarial_loss_is_the_generators_whole_objective(ray_cluster, benchmark_data, tmp_path):
+    m = fit(_cfg(tmp_path, benchmark_data, name="adv", stage="adversarial", target=benchmark_data["target"],
+                 iterations=2, adversarial_weight=0.5)).metrics
+    assert m["train/adversarial"] > 0 and m["train/discriminator"] > 0
+    assert m["train/loss"] == pytest.approx(m["train/seg"] + 0.5 * m["train/adversarial"], rel=1e-5)
+
+
 def test_hiast_round_learns_against_an_ema_teacher_and_resumes_it(ray_cluster, benchmark_data, small_checkpoint,
                                                                    tmp_path):
     store = _cbst_store(tmp_path, benchmark_data, small_checkpoint)
@@ -176,3 +184,31 @@ def test_teacher_only_for_self_training(benchmark_data, tmp_path):
         _cfg(tmp_path, benchmark_data, hard_classes=14)
     with pytest.raises(ValueError, match="0..19"):
         _cfg(tmp_path, benchmark_data, stage="self_training", hard_classes=20)
+
+
+def test_pseudo_labels_are_enlarged_to_the_image_not_the_image_shrunk(tmp_path):
+    """Labels made at 1280x640 train on the 2048x1024 image (so §5's crop heights hold):
+    the label is enlarged, nearest neighbour; the image is read as it is."""
+    from PIL import Image
+
+    from pipeline.train import _pseudo_labelled_loader
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    label = rng.integers(0, 19, (4, 6), dtype=np.uint8)
+    label[0, 0] = 255
+    store = LabelStore(str(tmp_path / "store"))
+    store.write_labels(0, [{
+        "index": 0, "name": "a", "image": str(tmp_path / "a.png"), "height": 4, "width": 6,
+        "label": label.tobytes(), "thresholds": [0.9] * 19, "class_pixels": [1] * 19,
+        "class_kept": [0] * 19, "class_correct": None,
+    }], {"config_hash": "h"})
+    store.commit({"num_parts": 1, "config_hash": "h"})
+
+    load, size = _pseudo_labelled_loader(str(tmp_path / "store"))
+    got_image, got_label = load(0)
+    assert size == 1
+    np.testing.assert_array_equal(got_image, image)
+    assert got_label.shape == (8, 12)
+    np.testing.assert_array_equal(got_label, label.repeat(2, axis=0).repeat(2, axis=1))
