@@ -44,6 +44,17 @@ def average_gradients(module: torch.nn.Module) -> None:
             p.grad.div_(n)
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (batch-norm running statistics) to every worker. DDP
+    syncs them at the start of each forward only, so after the last training step every
+    rank holds statistics updated by its own batch; evaluating the saved (rank-0) model
+    needs rank 0's."""
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)

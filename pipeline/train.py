@@ -368,6 +368,7 @@ def evaluate_shard(model, samples: list[Sample], cfg: TrainConfig, device) -> Co
     cm = ConfusionMatrix(cfg.num_classes)
     rank, world = distributed.rank(), distributed.world_size()
     net = distributed.unwrap(model)
+    distributed.broadcast_buffers(net)  # every shard is evaluated with the saved model's statistics
     normalize = eval_transform()
     for sample in samples[rank::world]:
         label = load_label(sample.label)
