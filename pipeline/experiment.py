@@ -10,6 +10,7 @@ Layout under ``output`` (a local folder or s3:// prefix)::
     stages/<stage>.json            completion record of a finished stage (checkpoint, metrics)
     train/<stage>/...              Ray Train storage of a training stage (checkpoints)
     labels/round_<r>/...           label store of round r
+    init/checkpoint.pt             model.init converted to our format (init_format other than ours)
     config.yaml                    the resolved configuration
 """
 
@@ -165,7 +166,9 @@ class ExperimentConfig:
             raise ValueError("self_training.rounds is empty: give at least one round")
 
     def check(self) -> None:
-        """Fail in seconds, not hours: every dataset prepared and every weights file present."""
+        """Fail in seconds, not hours: every stage's settings valid, every dataset prepared
+        and every weights file present."""
+        self.check_stages()
         for key in ("source", "target", "val"):
             data = getattr(self.data, key)
             samples = data.samples()  # raises with the prepare command when the list is missing
@@ -178,6 +181,29 @@ class ExperimentConfig:
             if uri and not storage.exists(uri):
                 raise FileNotFoundError(f"model.{key}: weights file {uri} not found")
 
+    def check_stages(self) -> None:
+        """Builds the configuration of every stage that will run, so that a setting one of
+        them rejects (e.g. a batch size the workers do not divide) fails now, not after
+        the stages before it have trained. Static only: the checkpoints and label stores
+        the stages start from do not exist yet (pipeline.train.check_config checks them
+        when each stage starts)."""
+        if self.source_only.iterations == 0 and self.model.init is None:
+            raise ValueError("no warm-up to start from: set source_only.iterations, or model.init to a "
+                             "warm-up checkpoint")
+
+        def build(stage: str, make, *args) -> None:
+            try:
+                make(*args)
+            except ValueError as err:
+                raise ValueError(f"{stage}: {err}") from err
+
+        for stage in ("source_only", "adversarial", "oracle"):
+            if getattr(self, stage).iterations > 0:
+                build(stage, self.warmup_config, stage, None)
+        for r in range(1, len(self.self_training.rounds) + 1):
+            build(f"round_{r}", self.round_label_config, r, None)
+            build(f"round_{r}", self.round_train_config, r, None)
+
     # -- where things live ------------------------------------------------------------
     def stage_record(self, stage: str) -> str:
         return storage.join(self.output, "stages", f"{stage}.json")
@@ -188,6 +214,10 @@ class ExperimentConfig:
     @property
     def train_storage(self) -> str:
         return storage.join(self.output, "train")
+
+    @property
+    def init_checkpoint(self) -> str:
+        return storage.join(self.output, "init", "checkpoint.pt")
 
     # -- stage configurations -------------------------------------------------------------
     def _train(self, stage: str, name: str, iterations: int, lr: float, batch_size: int, batchnorm: str,

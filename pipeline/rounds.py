@@ -27,7 +27,7 @@ from pipeline.data.datasets import Sample, load_image, load_label
 from pipeline.data.transforms import normalize
 from pipeline.evaluation import ConfusionMatrix, predict_probs
 from pipeline.experiment import ConsistencyConfig, ExperimentConfig
-from pipeline.models import build_model, load_checkpoint
+from pipeline.models import build_model, load_checkpoint, load_iast_checkpoint, save_checkpoint
 from pipeline.tracking import ExperimentTracker, default_tracking_uri
 from pipeline.visualize import contact_sheet, fit_width, label_cells, save_png, side_by_side
 
@@ -102,6 +102,24 @@ def run_training_stage(cfg: ExperimentConfig, stage: str, tracker: ExperimentTra
     return _write_record(cfg, record)
 
 
+def given_checkpoint(cfg: ExperimentConfig) -> str | None:
+    """``model.init`` as a checkpoint of ours, for the stages that start from it when
+    source-only is skipped. Only source-only reads another format (``model.init_format``);
+    the adversarial stage, the rounds and pseudo-labelling load ours, so a released IAST
+    checkpoint is converted once into the output folder (its record, written after the
+    file, marks the conversion complete; a different model.init converts again)."""
+    if cfg.model.init is None or cfg.model.init_format == "ours":
+        return cfg.model.init
+    record = read_record(cfg, "init")
+    if record is None or record.lineage.get("given") != cfg.model.init:
+        model = build_model(cfg.model.arch, cfg.num_classes)
+        load_iast_checkpoint(model, cfg.model.init)
+        save_checkpoint(cfg.init_checkpoint, model)
+        record = _write_record(cfg, StageRecord("init", cfg.init_checkpoint, lineage={
+            "given": cfg.model.init, "format": cfg.model.init_format}))
+    return record.checkpoint
+
+
 def warmup_record(cfg: ExperimentConfig) -> StageRecord | None:
     """The record of the last warm-up stage (or of ``model.init`` when no warm-up is configured)."""
     for stage in ("adversarial", "source_only"):
@@ -109,7 +127,7 @@ def warmup_record(cfg: ExperimentConfig) -> StageRecord | None:
             return read_record(cfg, stage)
     if cfg.model.init is None:
         raise ValueError("no warm-up configured: set source_only.iterations, or model.init to a warm-up checkpoint")
-    return StageRecord("warmup", cfg.model.init, {}, {"given": cfg.model.init})
+    return StageRecord("warmup", given_checkpoint(cfg), {}, {"given": cfg.model.init})
 
 
 def run_warmup(cfg: ExperimentConfig, tracker: ExperimentTracker) -> list[StageRecord]:
@@ -118,7 +136,7 @@ def run_warmup(cfg: ExperimentConfig, tracker: ExperimentTracker) -> list[StageR
     if cfg.source_only.iterations > 0:
         records.append(run_training_stage(cfg, "source_only", tracker, init=None))
     if cfg.adversarial.iterations > 0:
-        start = records[-1].checkpoint if records else cfg.model.init
+        start = records[-1].checkpoint if records else given_checkpoint(cfg)
         if start is None:
             raise ValueError("the adversarial warm-up needs a source-only model: set source_only.iterations "
                              "or model.init")

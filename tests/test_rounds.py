@@ -227,6 +227,42 @@ def test_warm_up_without_stages_starts_the_rounds_from_the_given_model(benchmark
         warm_up(tiny_experiment(benchmark_data, tmp_path / "out2", **{"source_only.iterations": 0}), None)
 
 
+def test_a_released_iast_init_is_converted_once_for_the_later_stages(benchmark_data, tmp_path, monkeypatch):
+    import torch
+
+    from pipeline import rounds
+    from pipeline.models import build_model, load_checkpoint
+    from pipeline.rounds import warmup_record
+
+    torch.manual_seed(0)
+    released = build_model("deeplabv2_small", 19)
+    state = {"module." + k.replace("classifier.convs.", "decoder.aspp.conv2d_list."): v
+             for k, v in released.state_dict().items()}  # named as the released code saves it
+    given = tmp_path / "G_gtav_at_warmup.pth"
+    torch.save(state, given)
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{
+        "source_only.iterations": 0, "model.init": str(given), "model.init_format": "iast"})
+
+    start = warmup_record(cfg).checkpoint  # round 1 labels with and trains from this one
+    assert start == cfg.round_label_config(1, start).checkpoint == cfg.round_train_config(1, start).init
+    loaded = build_model("deeplabv2_small", 19)
+    load_checkpoint(loaded, start)  # the normal loader of pseudo-labelling and training
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in released.state_dict().items())
+    assert start.startswith(cfg.output) and warmup_record(cfg).lineage["given"] == str(given)
+    mtime = os.stat(start).st_mtime_ns
+    assert warmup_record(cfg).checkpoint == start and os.stat(start).st_mtime_ns == mtime  # converted once
+
+    # the adversarial warm-up starts from the same converted file (its run is not started here)
+    adversarial = tiny_experiment(benchmark_data, tmp_path / "out", **{
+        "source_only.iterations": 0, "model.init": str(given), "model.init_format": "iast",
+        "adversarial": {"iterations": 2, "batch_size": 2}})
+    starts = []
+    monkeypatch.setattr(rounds, "run_training_stage",
+                        lambda cfg, stage, tracker, init: starts.append(init) or rounds.StageRecord(stage, init))
+    rounds.run_warmup(adversarial, tracker=None)
+    assert starts == [start]
+
+
 def test_a_stage_finished_on_other_data_is_not_reused(benchmark_data, tmp_path):
     import shutil
 
