@@ -107,22 +107,32 @@ class PseudoLabelConfig:
 # -- stage 1: predictions --------------------------------------------------------------
 
 
-def _load_images(batch: dict, size: tuple[int, int]) -> dict:
-    """Ray Data task: decode target images (and any ground truth) at the pseudo-label size.
+def _input_size(cfg: PseudoLabelConfig) -> tuple[int, int]:
+    """The size images are decoded at: the largest test size (by area) for multi-scale
+    inference, so that no pass sees an image enlarged from a smaller copy; else `size`."""
+    if not cfg.test_sizes:
+        return tuple(cfg.size)
+    return tuple(max(cfg.test_sizes, key=lambda s: s[0] * s[1]))
+
+
+def _load_images(batch: dict, size: tuple[int, int], image_size: tuple[int, int] | None = None) -> dict:
+    """Ray Data task: decode target images at ``image_size`` (default: ``size``) and any
+    ground truth at the pseudo-label ``size``.
 
     An unreadable file does not fail the task: its error travels with its row, so the
     driver first saves every finished part before it, then fails (or skips it).
     """
     w, h = size
+    iw, ih = image_size or size
     n = len(batch["index"])
-    images = np.zeros((n, h, w, 3), np.uint8)
+    images = np.zeros((n, ih, iw, 3), np.uint8)
     gts = np.full((n, h, w), IGNORE_INDEX, np.uint8)
     has_gt = np.zeros(n, bool)
     errors = np.full(n, "", dtype=object)
     for i in range(n):
         try:
             image = load_image(batch["image"][i])
-            images[i] = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+            images[i] = np.asarray(Image.fromarray(image).resize((iw, ih), Image.BILINEAR))
             if batch["label"][i]:
                 label = load_label(batch["label"][i])
                 gts[i] = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
@@ -194,7 +204,7 @@ def _hash(obj) -> str:
 
 def prediction_settings(cfg: PseudoLabelConfig, samples: list[Sample]) -> dict:
     """Everything the predictions depend on; its hash names a compatible prediction part."""
-    return {
+    settings = {
         "generator_sha256": _file_digest(cfg.checkpoint),
         "generator": cfg.checkpoint,
         "arch": cfg.arch,
@@ -207,6 +217,12 @@ def prediction_settings(cfg: PseudoLabelConfig, samples: list[Sample]) -> dict:
         "num_images": len(samples),
         "part_size": cfg.part_size,
     }
+    # Only where they differ from the defaults, so that existing stores keep their hashes.
+    if cfg.test_sizes:  # multi-scale predictions depend on the size the images are decoded at
+        settings["input_size"] = list(_input_size(cfg))
+    if cfg.skip_unreadable:  # parts written while skipping lack rows a strict run must fail on
+        settings["skip_unreadable"] = True
+    return settings
 
 
 def _ray_actor_args(cfg: PseudoLabelConfig) -> dict:
@@ -234,7 +250,7 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
     try:
         ds = (
             ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 8 * cfg.num_workers)))
-            .map_batches(_load_images, fn_args=(tuple(cfg.size),), batch_size=8)
+            .map_batches(_load_images, fn_args=(tuple(cfg.size), _input_size(cfg)), batch_size=8)
             .map_batches(
                 _Predictor,
                 fn_constructor_args=(cfg,),
@@ -326,9 +342,11 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
         for instance in _instances(records, instance_size):
             theta = np.asarray(thresholds_for(instance), np.float64)
             for r in instance:
-                if r.index // cfg.part_size != part:
+                # A part whose images were all skipped as unreadable still gets its (empty)
+                # labels part: readers open every part the manifest counts.
+                while part < r.index // cfg.part_size:
                     store.write_labels(part, rows, metadata)
-                    rows, part = [], r.index // cfg.part_size
+                    rows, part = [], part + 1
                 label = selectors.select(r.confidence, r.prediction, theta)
                 if cfg.selector.label_values != "prediction":
                     if r.ground_truth is None:
@@ -364,7 +382,9 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
                 if len(previews) < cfg.num_previews:
                     previews.append((r, label))
                 bar.update(1)
-        store.write_labels(part, rows, metadata)
+        while part < num_parts:  # the last part, and any skipped ones after the last record
+            store.write_labels(part, rows, metadata)
+            rows, part = [], part + 1
     return {"totals": totals, "final_thresholds": theta, "confidence": difficulty.value,
             "previews": previews, "names": names}
 

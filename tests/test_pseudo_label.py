@@ -4,10 +4,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
-from pipeline.data.datasets import DataConfig
+from pipeline.data.datasets import DataConfig, load_image
+from pipeline.data.transforms import normalize
+from pipeline.evaluation import predict_probs
 from pipeline.label_store import LabelStore, decode_label
+from pipeline.models import build_model, load_checkpoint
 from pipeline.pseudo_label import PseudoLabelConfig, SelectorConfig, run
 
 
@@ -130,6 +134,52 @@ def test_skip_unreadable_counts_and_excludes_the_image(ray_cluster, benchmark_da
     assert manifest["num_images"] == 9
     names = LabelStore(str(tmp_path / "s")).read_labels(columns=["name"]).column("name").to_pylist()
     assert samples[2].name not in names and len(names) == 9
+
+
+def test_parts_with_no_readable_image_still_get_a_labels_part(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
+    target = _copy_target(benchmark_data, tmp_path)
+    samples = sorted(target.samples(), key=lambda s: s.name)
+    bad = [samples[i] for i in (3, 4, 5, 9)]  # all of part 1 and of the last part (part_size 3)
+    for s in bad:
+        open(s.image, "wb").write(b"garbage")
+    manifest = run(_cfg(tmp_path / "s", target, small_checkpoint, skip_unreadable=True))
+    assert manifest["num_parts"] == 4
+    assert manifest["skipped_unreadable"] == [s.name for s in bad]
+    names = LabelStore(str(tmp_path / "s")).read_labels(columns=["name"]).column("name").to_pylist()
+    assert names == [s.name for s in samples if s not in bad]
+
+
+def test_a_strict_run_does_not_reuse_predictions_made_while_skipping(
+    ray_cluster, benchmark_data, small_checkpoint, tmp_path
+):
+    target = _copy_target(benchmark_data, tmp_path)
+    samples = sorted(target.samples(), key=lambda s: s.name)
+    open(samples[4].image, "wb").write(b"garbage")
+    run(_cfg(tmp_path / "s", target, small_checkpoint, skip_unreadable=True))
+    LabelStore(str(tmp_path / "s")).invalidate()  # as if the skipping run had crashed before its commit
+    with pytest.raises(ValueError, match=f"(?s){samples[4].name}.*skip_unreadable=true"):
+        run(_cfg(tmp_path / "s", target, small_checkpoint))
+
+
+def test_multi_scale_starts_from_the_image_at_its_largest_test_size(
+    ray_cluster, benchmark_data, small_checkpoint, tmp_path
+):
+    # The target images are 256x128: the 256x128 pass must see them as they are, not an
+    # enlarged copy of the 128x64 pseudo-label-size image.
+    sizes = ((128, 64), (256, 128))
+    run(_cfg(tmp_path / "s", benchmark_data["target"], small_checkpoint, test_sizes=sizes))
+    labels, predictions = _store_rows(str(tmp_path / "s"))
+    model = build_model("deeplabv2_small", 19)
+    load_checkpoint(model, small_checkpoint)
+    for p, row in zip(predictions, labels):
+        image = normalize(load_image(p["image"])[None])
+        assert image.shape[-2:] == (128, 256)
+        with torch.no_grad():
+            expected = predict_probs(model, image, sizes=sizes, output_size=(128, 64))[0].max(0).values
+        confidence = np.frombuffer(p["confidence"], "<f2").astype(np.float32).reshape(64, 128)
+        np.testing.assert_allclose(confidence, expected.numpy(), atol=5e-4)  # float16 storage
+        assert len(p["ground_truth"]) == 64 * 128  # the ground truth stays at the pseudo-label size
+        assert (row["height"], row["width"]) == (64, 128)
 
 
 def test_true_classes_or_only_right_labels_at_the_selected_pixels_are_diagnostics(
