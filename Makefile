@@ -38,23 +38,27 @@ test-slow: $(STAMP)
 $(DATA)/target/lists/cityscapes_val.txt: pipeline/data/benchmark.py | $(STAMP)
 	$(PY) jobs/make_benchmark.py --out $(DATA)
 	$(PY) jobs/prepare_data.py --dataset gta5 --root $(DATA)/source
+	$(PY) jobs/prepare_data.py --dataset gta5 --root $(DATA)/source_val
 	$(PY) jobs/prepare_data.py --dataset cityscapes --root $(DATA)/target
 
 benchmark-data: $(DATA)/target/lists/cityscapes_val.txt
 
 demo: $(STAMP) benchmark-data
 	$(PY) jobs/run_experiment.py --config configs/benchmark.yaml output=$(strip $(OUT)) \
-		data.source.root=$(DATA)/source data.target.root=$(DATA)/target data.val.root=$(DATA)/target
+		data.source.root=$(DATA)/source data.source_val.root=$(DATA)/source_val \
+		data.target.root=$(DATA)/target data.val.root=$(DATA)/target
 
 ablation: $(STAMP) benchmark-data
 	$(PY) jobs/ablation.py --config configs/benchmark.yaml output=$(strip $(OUT)) \
-		data.source.root=$(DATA)/source data.target.root=$(DATA)/target data.val.root=$(DATA)/target
+		data.source.root=$(DATA)/source data.source_val.root=$(DATA)/source_val \
+		data.target.root=$(DATA)/target data.val.root=$(DATA)/target
 
 # IAST vs HIAST over all rounds, SEEDS runs each, from the demo's warm-up (~9 min per seed on 2 cores).
 SEEDS ?= 3
 compare-methods: $(STAMP) benchmark-data
 	$(PY) jobs/compare_methods.py --config configs/benchmark.yaml --seeds $(SEEDS) output=$(strip $(OUT)) \
-		data.source.root=$(DATA)/source data.target.root=$(DATA)/target data.val.root=$(DATA)/target
+		data.source.root=$(DATA)/source data.source_val.root=$(DATA)/source_val \
+		data.target.root=$(DATA)/target data.val.root=$(DATA)/target
 
 bench: $(STAMP) benchmark-data
 	$(PY) benchmarks/bench_selectors.py

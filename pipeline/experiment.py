@@ -48,6 +48,10 @@ class DataSection:
     source: DataConfig
     target: DataConfig  # unlabelled target train split
     val: DataConfig  # labelled target val split
+    # Labelled source frames the source model never trains on: its accuracy there tells a
+    # model that fits its own domain from one that has not learnt it (the built-in
+    # benchmark's precondition P1). Optional; evaluated after source-only.
+    source_val: DataConfig | None = None
 
 
 @dataclass
@@ -132,6 +136,14 @@ class SelfTrainingConfig:
     label_test_sizes: tuple[tuple[int, int], ...] = ()  # multi-scale pseudo-labelling; () = single
     label_flip: bool = False
     checkpoint_every: int = 1000
+    # The backbone's lr over the head's in the rounds (None: model.backbone_lr_mult). The
+    # released rounds train a pretrained backbone at 0.1x; a benchmark model trained from
+    # scratch needs 1.0 in source-only and can keep 0.1 here.
+    backbone_lr_mult: float | None = None
+
+    def __post_init__(self):
+        if self.backbone_lr_mult is not None and self.backbone_lr_mult <= 0:
+            raise ValueError(f"self_training.backbone_lr_mult must be > 0 (or null), got {self.backbone_lr_mult}")
 
 
 @dataclass
@@ -169,8 +181,10 @@ class ExperimentConfig:
         """Fail in seconds, not hours: every stage's settings valid, every dataset prepared
         and every weights file present."""
         self.check_stages()
-        for key in ("source", "target", "val"):
+        for key in ("source", "target", "val", "source_val"):
             data = getattr(self.data, key)
+            if data is None:  # only source_val is optional
+                continue
             samples = data.samples()  # raises with the prepare command when the list is missing
             if not samples:
                 raise ValueError(f"data.{key}: {data.dataset} {data.split} at {data.root} holds no images")
@@ -226,7 +240,7 @@ class ExperimentConfig:
         return TrainConfig(
             stage=stage, name=name, storage=self.train_storage, iterations=iterations, lr=lr,
             arch=self.model.arch, num_classes=self.num_classes, batch_size=batch_size, batchnorm=batchnorm,
-            backbone_lr_mult=self.model.backbone_lr_mult,
+            backbone_lr_mult=kw.pop("backbone_lr_mult", None) or self.model.backbone_lr_mult,
             crop_size=self.crop_size, source_crop_heights=self.source_crop_heights,
             target_crop_heights=self.target_crop_heights, checkpoint_every=checkpoint_every,
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
@@ -259,7 +273,8 @@ class ExperimentConfig:
         return self._train(
             "self_training", f"round_{round_index}", st.iterations, r.lr, st.batch_size, st.batchnorm,
             st.checkpoint_every, init=init, label_store=self.label_store(round_index),
-            confident_weight=st.confident_weight, ignored_weight=st.ignored_weight, **hiast,
+            confident_weight=st.confident_weight, ignored_weight=st.ignored_weight,
+            backbone_lr_mult=st.backbone_lr_mult, **hiast,
         )
 
     def round_label_config(self, round_index: int, generator: str) -> PseudoLabelConfig:

@@ -98,6 +98,10 @@ def run_training_stage(cfg: ExperimentConfig, stage: str, tracker: ExperimentTra
     tracker.log_config(run_id, config_lib.to_dict(train_cfg))
     record = _train_tracked(cfg, stage, run_id, tracker, train_cfg)
     record.lineage = {"init": train_cfg.init or train_cfg.imagenet_backbone}
+    if stage == "source_only" and cfg.data.source_val is not None:
+        held_out = source_heldout_metrics(cfg, record.checkpoint)
+        tracker.log_metrics(run_id, held_out, step=train_cfg.iterations)
+        record.metrics.update(held_out)
     tracker.finish(run_id)
     return _write_record(cfg, record)
 
@@ -209,15 +213,60 @@ def _evaluate_shard(arch: str, num_classes: int, checkpoint: str, samples: list[
     return cm.matrix
 
 
-def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> ConfusionMatrix:
-    """Multi-scale (+ flip) evaluation of a checkpoint on the val set, sharded over Ray tasks."""
-    samples = cfg.data.val.samples()
+def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str, samples: list[Sample] | None = None,
+                        sizes=None, flip: bool | None = None) -> ConfusionMatrix:
+    """Evaluation of a checkpoint sharded over Ray tasks: by default on the val set with
+    the final evaluation's sizes and flip."""
+    samples = cfg.data.val.samples() if samples is None else samples
+    sizes = cfg.final_eval.sizes if sizes is None else sizes
+    flip = cfg.final_eval.flip if flip is None else flip
     c = cfg.compute
     shards = [samples[i::c.eval_workers] for i in range(c.eval_workers)]
     task = _evaluate_shard.options(num_gpus=1 if c.use_gpu else 0, num_cpus=c.cpus_per_worker)
-    refs = [task.remote(cfg.model.arch, cfg.num_classes, checkpoint, shard, cfg.final_eval.sizes, cfg.final_eval.flip)
+    refs = [task.remote(cfg.model.arch, cfg.num_classes, checkpoint, shard, sizes, flip)
             for shard in shards if shard]
     return ConfusionMatrix(cfg.num_classes, sum(ray.get(refs)))
+
+
+def source_heldout_metrics(cfg: ExperimentConfig, checkpoint: str) -> dict[str, float]:
+    """``source_val/...``: the source model on source frames it never trained on (single
+    scale, as every stage's validation)."""
+    cm = evaluate_checkpoint(cfg, checkpoint, cfg.data.source_val.samples(), sizes=(), flip=False)
+    return {f"source_val/{k}": v for k, v in cm.summary().items() if v is not None and math.isfinite(v)}
+
+
+# The built-in benchmark's preconditions (a faithful miniature of GTA5 -> Cityscapes, where
+# DeepLab-v2 fits both domains and loses accuracy only in transfer: 35.6 / ~65 = 0.55).
+P1_SOURCE_HELDOUT, P1_ORACLE, P2_RANGE = 70.0, 65.0, (0.45, 0.65)
+
+
+def preconditions(records: list[StageRecord], key: str = "mIoU-19") -> str:
+    """P1 (learnable) and P2 (a real gap) from a finished chain's records, one line each."""
+    by_stage = {r.stage: r.metrics for r in records}
+    held_out = by_stage.get("source_only", {}).get(f"source_val/{key}")
+    source = by_stage.get("source_only", {}).get(f"val/{key}")
+    oracle = by_stage.get("oracle", {}).get(f"val/{key}")
+    rounds = [r for r in records if r.stage.startswith("round_")]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    lines = []
+    if held_out is not None and oracle is not None:
+        lines.append(f"P1 learnable: source model on held-out source {100 * held_out:.2f} (>= {P1_SOURCE_HELDOUT:.0f}), "
+                     f"oracle on target val {100 * oracle:.2f} (>= {P1_ORACLE:.0f}): "
+                     f"{verdict(100 * held_out >= P1_SOURCE_HELDOUT and 100 * oracle >= P1_ORACLE)}")
+    if source is not None and oracle:
+        ratio = source / oracle
+        lines.append(f"P2 a real gap: source-only / oracle = {100 * source:.2f} / {100 * oracle:.2f} = {ratio:.2f} "
+                     f"(in {P2_RANGE[0]}-{P2_RANGE[1]}): {verdict(P2_RANGE[0] <= ratio <= P2_RANGE[1])}")
+        if rounds and f"val/{key}" in rounds[-1].metrics:
+            best = max(r.metrics.get(f"val/{key}", float("-inf")) for r in rounds)
+            last = rounds[-1].metrics[f"val/{key}"]
+            gap = oracle - source
+            lines.append(f"gap closed: last round {100 * (last - source) / gap:.0f}%, best round "
+                         f"{100 * (best - source) / gap:.0f}% of source-only -> oracle (goal >= 50%)")
+    return "\n".join(lines)
 
 
 def run_final_eval(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRecord:

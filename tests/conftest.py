@@ -44,12 +44,14 @@ def benchmark_data(tmp_path_factory):
     from pipeline.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("benchmark")
-    generate(str(root), seed=3, num_source=8, num_target_train=10, num_target_val=4, workers=1)
+    generate(str(root), seed=3, num_source=8, num_target_train=10, num_target_val=4, num_source_val=3, workers=1)
     prepare("gta5", str(root / "source"), workers=1)
+    prepare("gta5", str(root / "source_val"), workers=1)
     prepare("cityscapes", str(root / "target"), workers=1)
     return {
         "root": root,
         "source": DataConfig("gta5", str(root / "source")),
+        "source_val": DataConfig("gta5", str(root / "source_val")),  # held-out source frames
         "target": DataConfig("cityscapes", str(root / "target"), "train"),
         "val": DataConfig("cityscapes", str(root / "target"), "val"),
     }

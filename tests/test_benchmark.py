@@ -1,3 +1,4 @@
+import json
 import runpy
 from pathlib import Path
 
@@ -141,3 +142,89 @@ def test_job_writes_benchmark_and_preview(tmp_path, capsys):
     rows = [y for y in range(sheet.shape[0] - first.shape[0])
             if np.array_equal(sheet[y, GAP:GAP + 256], first[0])]
     assert rows and np.array_equal(sheet[rows[0]:rows[0] + first.shape[0], GAP:GAP + 256], first)
+
+
+def test_held_out_source_frames_are_new_frames_in_the_gta5_layout(tmp_path):
+    benchmark.generate(str(tmp_path / "a"), seed=5, num_source=3, num_target_train=1, num_target_val=1,
+                       num_source_val=2, workers=1)
+    benchmark.generate(str(tmp_path / "b"), seed=5, num_source=3, num_target_train=1, num_target_val=1,
+                       num_source_val=2, workers=2)
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert a == b  # deterministic whatever the workers
+    held_out = {k for k in a if k.startswith("source_val/")}
+    assert held_out == {f"source_val/{d}/0000{i}.png" for d in ("images", "labels") for i in (1, 2)}
+    train_images = {a[k] for k in a if k.startswith("source/images/")}
+    assert all(a[f"source_val/images/0000{i}.png"] not in train_images for i in (1, 2))
+    for i in range(2):
+        image, label = (Image.open(p) for p in benchmark.source_paths(str(tmp_path / "a"), i, "source_val"))
+        assert (image.mode, image.size) == ("RGB", benchmark.SOURCE_SIZE)
+        assert (label.mode, label.size) == ("P", benchmark.SOURCE_SIZE)
+        ids = np.asarray(label)
+        assert set(np.unique(ids)) <= VALID_IDS and benchmark.EGO_VEHICLE not in ids
+    # The source frames themselves do not depend on how many are held out.
+    benchmark.generate(str(tmp_path / "c"), seed=5, num_source=3, num_target_train=1, num_target_val=1,
+                       num_source_val=0, workers=1)
+    c = _files(tmp_path / "c")
+    assert {k: v for k, v in a.items() if not k.startswith("source_val/")} == c
+
+
+def test_target_look_knobs_change_the_pixels_not_the_labels(tmp_path):
+    rng = lambda: np.random.default_rng([9, 1])  # noqa: E731
+    base_image, base_ids = benchmark.render(benchmark.TARGET, rng())
+    horizon_rows = slice(int(0.38 * base_ids.shape[0]), int(0.5 * base_ids.shape[0]))
+    looks = {
+        "haze": benchmark.with_look(benchmark.TARGET, haze=0.6, haze_color=[230, 230, 235]),
+        "cast": benchmark.with_look(benchmark.TARGET, tint=[1.15, 1.0, 0.8]),
+        "blur": benchmark.with_look(benchmark.TARGET, blur=2.0),
+        "noise": benchmark.with_look(benchmark.TARGET, noise=0.06),
+        "jpeg": benchmark.with_look(benchmark.TARGET, jpeg_quality=10),
+    }
+    images = {}
+    for name, dom in looks.items():
+        images[name], ids = benchmark.render(dom, rng())
+        assert np.array_equal(ids, base_ids), name  # the same scene, only its look differs
+        assert not np.array_equal(images[name], base_image), name
+    base = base_image.astype(float)
+    # Haze lifts and greys the far rows (around the horizon) more than the near ones.
+    lift = images["haze"].astype(float).mean(axis=(1, 2)) - base.mean(axis=(1, 2))
+    assert lift[horizon_rows].mean() > 2 * lift[-10:].mean() > 0
+    # A warm cast: more red, less blue.
+    cast = images["cast"].astype(float)
+    assert cast[..., 0].mean() > base[..., 0].mean() + 5 and cast[..., 2].mean() < base[..., 2].mean() - 5
+    # Blur removes detail, noise and strong compression add it.
+    detail = lambda im: np.abs(np.diff(im.astype(float), axis=1)).mean()  # noqa: E731
+    assert detail(images["blur"]) < 0.8 * detail(base_image)
+    assert detail(images["noise"]) > 1.2 * detail(base_image)
+    assert np.abs(images["jpeg"].astype(float) - base).mean() > 2
+
+
+def test_target_look_rejects_unknown_or_bad_settings():
+    with pytest.raises(ValueError, match="unknown look setting.*fog"):
+        benchmark.with_look(benchmark.TARGET, fog=0.3)
+    with pytest.raises(ValueError, match="tint needs three values"):
+        benchmark.with_look(benchmark.TARGET, tint=[1.0, 1.0])
+    with pytest.raises(ValueError, match="jpeg_quality must be in 1..95"):
+        benchmark.with_look(benchmark.TARGET, jpeg_quality=0)
+    with pytest.raises(ValueError, match="haze must be in"):
+        benchmark.with_look(benchmark.TARGET, haze=1.5)
+
+
+def test_job_draws_a_target_with_another_look(tmp_path, capsys):
+    main = runpy.run_path(str(JOB))["main"]
+    args = ["--seed", "2", "--num-source", "1", "--num-target-train", "1", "--num-target-val", "1",
+            "--num-source-val", "1", "--workers", "1"]
+    assert main(["--out", str(tmp_path / "plain"), *args]) == 0
+    assert main(["--out", str(tmp_path / "hazy"), *args, "--target-look", "haze=0.5", "tint=[1.1,1.0,0.9]"]) == 0
+    plain, hazy = _files(tmp_path / "plain"), _files(tmp_path / "hazy")
+    assert json.loads(hazy["target_look.json"]) == {"haze": 0.5, "tint": [1.1, 1.0, 0.9]}
+    assert json.loads(plain["target_look.json"]) == {}
+    for key in plain:
+        if key.startswith("target/leftImg8bit"):
+            assert plain[key] != hazy[key]
+        elif key.startswith(("source", "target/gtFine")):
+            assert plain[key] == hazy[key], key  # source and labels untouched
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "bad"), *args, "--target-look", "fog=1"])
+    assert exit_info.value.code == 2
+    assert "unknown look setting" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything is written

@@ -12,7 +12,7 @@ from pipeline import config, pseudo_label
 from pipeline.data.datasets import load_image
 from pipeline.experiment import ExperimentConfig
 from pipeline.label_store import LabelStore
-from pipeline.rounds import STAGES_FIGURE, read_record, run_experiment, run_round, run_warmup
+from pipeline.rounds import STAGES_FIGURE, StageRecord, preconditions, read_record, run_experiment, run_round, run_warmup
 from pipeline.tracking import ExperimentTracker, comparison_table, default_tracking_uri
 
 
@@ -50,10 +50,15 @@ def _tracker(cfg):
 
 
 def test_chain_is_tracked_and_a_rerun_does_no_work(ray_cluster, benchmark_data, tmp_path, capsys):
-    cfg = tiny_experiment(benchmark_data, tmp_path / "out")
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out",
+                          **{"data.source_val": config.to_dict(benchmark_data["source_val"])})
     tracker = _tracker(cfg)
     records = run_experiment(cfg, tracker)
     assert [r.stage for r in records] == ["source_only", "round_1", "round_2", "final_eval"]
+    # the source model on the held-out source frames (precondition P1), beside its target val figure
+    held_out = records[0].metrics["source_val/mIoU-19"]
+    assert 0 <= held_out <= 1 and held_out != records[0].metrics["val/mIoU-19"]
+    assert "source_val/IoU/road" in records[0].metrics
     r1, r2 = records[1], records[2]
     assert r1.lineage["generator"] == records[0].checkpoint  # round 1 labels with the warm-up
     assert r2.lineage["generator"] == r1.checkpoint and r2.lineage["init"] == r1.checkpoint
@@ -63,6 +68,7 @@ def test_chain_is_tracked_and_a_rerun_does_no_work(ray_cluster, benchmark_data, 
     runs = client.search_runs([tracker.experiment_id])
     by_stage = {r.data.tags["stage"]: r for r in runs}
     assert set(by_stage) == {"experiment", "source_only", "round_1", "round_2", "final_eval"}
+    assert by_stage["source_only"].data.metrics["source_val/mIoU-19"] == pytest.approx(held_out)
     round_1 = by_stage["round_1"].data
     assert "val/mIoU-19" in round_1.metrics and "val/IoU/road" in round_1.metrics
     assert "pseudo/coverage" in round_1.metrics and "pseudo/threshold/road" in round_1.metrics
@@ -292,3 +298,21 @@ def test_a_stage_finished_on_other_data_is_not_reused(benchmark_data, tmp_path):
         f.write(image)
     prepare("cityscapes", str(target), workers=1)
     assert read_record(cfg, "round_1") == record
+
+
+def test_preconditions_report_what_the_records_show():
+    def rec(stage, **metrics):
+        return StageRecord(stage, f"{stage}.pt", {k.replace("__", "/"): v for k, v in metrics.items()})
+
+    records = [rec("source_only", **{"val__mIoU-19": 0.36, "source_val__mIoU-19": 0.74}),
+               rec("round_1", **{"val__mIoU-19": 0.45}), rec("round_2", **{"val__mIoU-19": 0.43}),
+               rec("oracle", **{"val__mIoU-19": 0.66})]
+    text = preconditions(records)
+    assert "held-out source 74.00 (>= 70), oracle on target val 66.00 (>= 65): met" in text
+    assert "36.00 / 66.00 = 0.55 (in 0.45-0.65): met" in text
+    assert "last round 23%, best round 30% of source-only -> oracle" in text
+    records[0].metrics["source_val/mIoU-19"] = 0.55
+    records[0].metrics["val/mIoU-19"] = 0.50
+    text = preconditions(records)
+    assert "P1 learnable" in text and text.count("NOT met") == 2
+    assert preconditions([rec("source_only", **{"val__mIoU-19": 0.3})]) == ""  # nothing to compare with

@@ -48,7 +48,7 @@ SOURCE_SIZE = (256, 140)  # (width, height): GTA5's aspect 1914/1052
 TARGET_SIZE = (256, 128)  # Cityscapes' aspect 2:1
 TRAIN_CITIES = ("aachen", "bremen", "zurich")
 VAL_CITIES = ("frankfurt", "lindau", "munster")
-_SETS = ("source", "target_train", "target_val")
+_SETS = ("source", "target_train", "target_val", "source_val")
 
 RGB = tuple[int, int, int]
 
@@ -96,6 +96,23 @@ class Domain:
     overcast: float = 0.0
     look_jitter: float = 0.0
     max_blur: float = 0.0
+    # Scale of the miniature: street things (poles, people, cars...) are drawn only up to
+    # `far` metres, people and cyclists up to `near_things`, and the lateral sizes of
+    # thin things (poles, signs, lights, people, two-wheelers) are multiplied by `thin_scale`,
+    # so every class stays a few pixels wide at the benchmark's resolution.
+    far: float = 90.0
+    focal: float = 0.95  # focal length in image widths: a longer lens shows everything larger
+    near_things: float = 60.0
+    thin_scale: float = 1.0
+    # Haze: the far rows (near the horizon) are blended towards `haze_color` with weight up
+    # to `haze` (0: none).
+    haze: float = 0.0
+    haze_color: RGB = (200, 205, 210)
+    fence_opacity: float = 0.55  # of a fence's mesh (its posts and rails are solid)
+    barrier_height: tuple[float, float] = (1.0, 2.2)  # walls, fences and hedges, metres
+    crossing_share: float = 0.35  # of two-wheelers crossing the road (seen from the side)
+    wheel_scale: float = 1.0  # of two-wheelers' wheels
+    helmets: bool = False  # riders wear helmets (colours: colors["helmet"])
 
 
 # The world's materials, shared by both domains; each overrides what its look changes.
@@ -104,9 +121,9 @@ _COLORS: dict[str, tuple[RGB, ...]] = {
     "curb": ((190, 188, 180),), "marking": ((230, 230, 222),),
     "building": ((200, 170, 130), (170, 100, 70), (215, 200, 170), (150, 150, 160), (185, 140, 105),
                  (130, 150, 170), (190, 190, 185)),
-    "wall": ((190, 180, 160), (160, 125, 100)), "fence": ((115, 115, 118), (145, 120, 85)),
+    "wall": ((178, 178, 172), (145, 140, 135)), "fence": ((115, 115, 118), (145, 120, 85)),
     "vegetation": ((80, 135, 40), (95, 145, 45), (65, 115, 45)),
-    "terrain": ((140, 150, 70), (120, 140, 65)), "trunk": ((90, 70, 48),),
+    "terrain": ((175, 165, 60), (160, 150, 55)), "trunk": ((90, 70, 48),),
     "pole": ((110, 110, 115), (75, 95, 75)), "sign": ((35, 75, 200), (215, 35, 35), (240, 200, 10)),
     "light": ((35, 35, 35),),
     "car": ((40, 40, 45), (200, 200, 205), (120, 125, 130), (35, 45, 85), (150, 25, 25),
@@ -116,15 +133,22 @@ _COLORS: dict[str, tuple[RGB, ...]] = {
     "clothes": ((35, 35, 40), (70, 70, 80), (40, 50, 80), (110, 90, 70), (150, 150, 150),
                 (120, 40, 40), (200, 45, 45), (45, 80, 190)),
     "skin": ((220, 175, 140), (155, 108, 78)), "glass": ((80, 110, 140),),
+    "helmet": ((240, 240, 240), (250, 210, 30), (230, 60, 40), (40, 40, 45)),
 }
+
+# The miniature's scale, shared by both domains (measured: with GTA5's proportions at
+# 256x128 poles, signs, people and two-wheelers are one to three pixels wide and a small
+# model cannot learn them anywhere; see docs/benchmark.md).
+_SCALE = dict(far=45.0, near_things=25.0, thin_scale=2.5, wheel_scale=1.4, crossing_share=0.7,
+              fence_opacity=0.85, barrier_height=(1.3, 2.6), verge_prob=0.5, helmets=True)
 
 SOURCE = Domain(
     name="source", size=SOURCE_SIZE,
     horizon=(0.36, 0.46), camera_height=1.6,
-    road_half_width=(4.5, 8.0), sidewalk_width=(2.5, 4.0), verge_prob=0.3,
-    barrier_probs=(0.35, 0.15, 0.05), building_height=(10.0, 40.0),
+    road_half_width=(4.5, 8.0), sidewalk_width=(2.5, 4.0),
+    barrier_probs=(0.3, 0.3, 0.1), building_height=(10.0, 40.0),
     trees=2.0, poles=4.0, parked_cars=8.0, moving_cars=8.0, heavy_share=0.25,
-    pedestrians=2.5, cyclists=0.15, motorcyclists=0.8, train_prob=0.03, ego_vehicle=False,
+    pedestrians=2.5, cyclists=1.2, motorcyclists=1.0, train_prob=0.2, ego_vehicle=False,
     colors={  # a game's look: bright paint, lush green, blue glass, yellow lines
         **_COLORS,
         "marking": ((235, 235, 225), (240, 200, 40)),
@@ -132,36 +156,35 @@ SOURCE = Domain(
         "car": _COLORS["car"] + ((205, 25, 25), (245, 205, 20), (30, 80, 210), (30, 150, 60),
                                  (235, 115, 20)),
         "clothes": _COLORS["clothes"] + ((230, 200, 50), (235, 235, 235), (45, 140, 75)),
-        "glass": ((110, 165, 215),),
+        "glass": ((90, 130, 170),),
     },
     skies=(((50, 120, 235), (175, 215, 250)), ((70, 140, 230), (200, 225, 245)),
            ((40, 100, 220), (150, 200, 250)), ((170, 180, 195), (220, 225, 230))),
-    window=(120, 175, 225),
+    window=(90, 130, 170),
     sun=True, texture=0.03, saturation=1.2, tint=(1.05, 1.0, 0.92), contrast=1.1, gamma=0.95,
     blur=0.0, noise=0.0, vignette=0.0, jpeg_quality=None,
-    overcast=0.35, look_jitter=0.2, max_blur=0.8,
+    overcast=0.35, look_jitter=0.2, max_blur=0.8, **_SCALE,
 )
 
 TARGET = Domain(
     name="target", size=TARGET_SIZE,
     horizon=(0.40, 0.48), camera_height=1.3,
-    road_half_width=(3.0, 5.5), sidewalk_width=(2.5, 4.5), verge_prob=0.55,
+    road_half_width=(3.0, 5.5), sidewalk_width=(2.5, 4.5),
     barrier_probs=(0.15, 0.35, 0.3), building_height=(9.0, 22.0),
     trees=7.0, poles=7.0, parked_cars=4.0, moving_cars=1.5, heavy_share=0.06,
-    pedestrians=6.0, cyclists=1.0, motorcyclists=0.05, train_prob=0.08, ego_vehicle=True,
+    pedestrians=6.0, cyclists=1.2, motorcyclists=0.6, train_prob=0.2, ego_vehicle=True,
     colors={  # a German street: grey and white cars, dark coats, plaster facades, dark windows
         **_COLORS,
         "building": ((160, 158, 155), (200, 195, 185), (150, 110, 95), (180, 168, 150),
                      (215, 212, 205), (185, 150, 120)),
-        "car": _COLORS["car"] + ((40, 40, 45), (120, 125, 130)),  # more black and grey
         "clothes": _COLORS["clothes"][:6],  # dark coats
-        "glass": ((55, 62, 70),),
+        "glass": ((75, 95, 115),),
     },
     skies=(((120, 160, 205), (215, 222, 230)), ((185, 190, 198), (225, 227, 230)),
            ((205, 208, 212), (235, 236, 238))),
-    window=(55, 62, 70),
+    window=(80, 100, 120),
     sun=False, texture=0.05, saturation=0.85, tint=(0.96, 1.0, 1.02), contrast=0.95, gamma=1.05,
-    blur=0.5, noise=0.015, vignette=0.3, jpeg_quality=70,
+    blur=0.5, noise=0.015, vignette=0.3, jpeg_quality=70, **_SCALE,
 )
 
 # Texture weight per label id: vegetation and terrain are grainy, the sky smooth.
@@ -402,19 +425,22 @@ def _draw_barriers(canvas, cam, st: _Street, dom: Domain, rng) -> None:
         x = st.barrier_line(side)
         z0 = rng.uniform(0.0, 20.0)
         z1 = z0 + rng.uniform(15.0, 80.0)
-        top = rng.uniform(1.0, 2.2)
+        top = rng.uniform(*dom.barrier_height)
         region = _side_quad(canvas, cam, x, z0, z1, 0.0, top)
         if region is None:
             continue
         if kind == WALL:
-            canvas.paint(region, WALL, _color(rng, dom, "wall"))
+            z, y = _plane_coords(cam, x, region)  # concrete blocks: dark joints
+            joints = ((z % 1.6) < 0.08) | ((y % 0.5) < 0.05)
+            color = _color(rng, dom, "wall")
+            canvas.paint(region, WALL, np.where(joints[..., None], color * 0.7, color))
         elif kind == VEGETATION:  # a hedge
             canvas.paint(region, VEGETATION, _color(rng, dom, "vegetation"))
         else:  # a fence: solid posts and rails, see-through mesh
             z, y = _plane_coords(cam, x, region)
             solid = ((z % 2.5) < 0.25) | (np.abs(y - top) < 0.12) | (np.abs(y - 0.2) < 0.1)
             color = _color(rng, dom, "fence")
-            canvas.paint(region, FENCE, color, alpha=0.55)
+            canvas.paint(region, FENCE, color, alpha=dom.fence_opacity)
             ys, xs, mask = region
             canvas.paint((ys, xs, mask & solid), FENCE, color)
 
@@ -438,14 +464,15 @@ def _tree(canvas, cam, dom, rng, x, z, radius=None) -> None:
 def _pole(canvas, cam, dom, rng, x, z, side) -> None:
     top = rng.uniform(4.5, 9.0)
     color = _color(rng, dom, "pole")
-    canvas.paint(_front_rect(canvas, cam, x - 0.1, x + 0.1, 0.0, top, z), POLE, color)
+    k = dom.thin_scale
+    canvas.paint(_front_rect(canvas, cam, x - 0.1 * k, x + 0.1 * k, 0.0, top, z), POLE, color)
     if rng.random() < 0.4:  # a street-light arm over the road
         canvas.paint(_front_rect(canvas, cam, min(x, x - side * 2.5), max(x, x - side * 2.5),
                                  top - 0.15, top, z), POLE, color)
     kind = rng.random()
     if kind < 0.45:  # a traffic sign, square or round
         y = rng.uniform(2.2, 3.2)
-        s = rng.uniform(0.3, 0.45)
+        s = rng.uniform(0.3, 0.45) * k
         sign = _color(rng, dom, "sign")
         if rng.random() < 0.5:
             region = _front_rect(canvas, cam, x - s, x + s, y - s, y + s, z)
@@ -456,12 +483,13 @@ def _pole(canvas, cam, dom, rng, x, z, side) -> None:
     elif kind < 0.75:  # a traffic light: dark housing, three lamps, one lit
         y = rng.uniform(2.8, 4.5)
         housing = _color(rng, dom, "light")
-        canvas.paint(_front_rect(canvas, cam, x - 0.18, x + 0.18, y - 0.5, y + 0.5, z), LIGHT, housing)
+        canvas.paint(_front_rect(canvas, cam, x - 0.18 * k, x + 0.18 * k, y - 0.5 * k, y + 0.5 * k, z),
+                     LIGHT, housing)
         lit = rng.integers(3)
         for i, lamp in enumerate(((255, 40, 30), (255, 190, 0), (40, 230, 90))):
-            cx, cy = cam.project(x, y + 0.3 - 0.3 * i, z)
+            cx, cy = cam.project(x, y + (0.3 - 0.3 * i) * k, z)
             color = _rgb(lamp) if i == lit else housing * 0.5
-            canvas.paint(canvas.ellipse(cx, cy, cam.f * 0.1 / z, cam.f * 0.1 / z), LIGHT, color)
+            canvas.paint(canvas.ellipse(cx, cy, cam.f * 0.1 * k / z, cam.f * 0.1 * k / z), LIGHT, color)
 
 
 _VEHICLES = {  # width, height, length, body starts above the ground
@@ -483,7 +511,12 @@ def _vehicle(canvas, cam, dom, rng, kind, x, z, oncoming: bool) -> None:
         if kind == CAR:
             canvas.paint(_side_quad(canvas, cam, xs, z + 0.25 * length, z + 0.8 * length, cabin, h),
                          kind, glass * 0.9)
-        else:
+        elif kind == TRUCK:  # a windowless cargo box behind a glazed cab
+            canvas.paint(_side_quad(canvas, cam, xs, z + length - 1.6, z + length - 0.3, h * 0.55, h * 0.85),
+                         kind, glass * 0.9)
+            canvas.paint(_side_quad(canvas, cam, xs, z + 0.2, z + length - 2.0, h * 0.15, h * 0.2),
+                         kind, color * 0.6)
+        else:  # buses and trams: a band of windows along the side
             canvas.paint(_side_quad(canvas, cam, xs, z + 0.5, z + length - 0.5, h * 0.55, h * 0.85),
                          kind, glass * 0.9)
         for zw in (z + 0.8, z + length - 0.9):
@@ -496,6 +529,8 @@ def _vehicle(canvas, cam, dom, rng, kind, x, z, oncoming: bool) -> None:
         (u0, v0), (u1, v1) = cam.project(x - w * 0.42, cabin, z), cam.project(x + w * 0.42, cabin, z)
         (t0, tv), (t1, _) = cam.project(x - w * 0.32, h, z), cam.project(x + w * 0.32, h, z)
         canvas.paint(canvas.polygon([(u0, v0), (u1, v1), (t1, tv), (t0, tv)]), kind, glass)
+    elif kind == TRUCK and not oncoming:  # the cargo box's doors: a dark seam, no glass
+        canvas.paint(_front_rect(canvas, cam, x - 0.04, x + 0.04, base + 0.2, h - 0.2, z), kind, color * 0.5)
     else:
         canvas.paint(_front_rect(canvas, cam, x - w * 0.42, x + w * 0.42, h * 0.55, h * 0.9, z), kind, glass)
     lamp = _rgb((250, 245, 220)) if oncoming else _rgb((230, 30, 30))
@@ -513,24 +548,27 @@ def _person(canvas, cam, dom, rng, x, z, label=PERSON, ground=0.0, seated=False)
     skin = _color(rng, dom, "skin")
     hip = ground + (0.35 if seated else 0.5) * h
     top = hip + 0.5 * h
-    stride = 0.0 if seated else rng.uniform(0.0, 0.2)
-    (l0, v0), (l1, _) = cam.project(x - 0.16, hip, z), cam.project(x + 0.16, hip, z)
-    (f0, v1), (f1, _) = cam.project(x - 0.16 - stride, ground, z), cam.project(x + 0.16 + stride, ground, z)
+    k = dom.thin_scale
+    stride = 0.0 if seated else rng.uniform(0.0, 0.2) * k
+    (l0, v0), (l1, _) = cam.project(x - 0.16 * k, hip, z), cam.project(x + 0.16 * k, hip, z)
+    (f0, v1), (f1, _) = cam.project(x - (0.16 * k + stride), ground, z), cam.project(x + 0.16 * k + stride, ground, z)
     pad = max(0.0, 0.5 - (l1 - l0) / 2)  # keep far legs a pixel wide
     canvas.paint(canvas.polygon([(l0 - pad, v0), (l1 + pad, v0), (f1 + pad, v1), (f0 - pad, v1)]),
                  label, trousers)
     for s in (-1, 1):  # arms
-        canvas.paint(_front_rect(canvas, cam, x + s * 0.22 - 0.05, x + s * 0.22 + 0.05, hip - 0.05,
+        canvas.paint(_front_rect(canvas, cam, x + s * 0.22 * k - 0.05 * k, x + s * 0.22 * k + 0.05 * k, hip - 0.05,
                                  top - 0.12, z, 0.5), label, clothes * 0.9)
-    canvas.paint(_front_rect(canvas, cam, x - 0.2, x + 0.2, hip, top - 0.08, z), label, clothes)
+    canvas.paint(_front_rect(canvas, cam, x - 0.2 * k, x + 0.2 * k, hip, top - 0.08, z), label, clothes)
     cx, cy = cam.project(x, top + 0.03, z)
-    r = cam.f * 0.11 / z
+    r = cam.f * 0.11 * k / z
     canvas.paint(canvas.ellipse(cx, cy, r, r * 1.15), label, skin)
+    if label == RIDER and dom.helmets:  # a helmet over the head's upper half
+        canvas.paint(canvas.ellipse(cx, cy - r * 0.35, r * 1.1, r * 0.8), label, _color(rng, dom, "helmet"))
 
 
 def _two_wheeler(canvas, cam, dom, rng, kind, x, z, crossing: bool) -> None:
     """A bicycle or motorcycle with its rider; crossing ones are seen from the side."""
-    r = 0.35 if kind == BICYCLE else 0.32
+    r = (0.35 if kind == BICYCLE else 0.32) * dom.wheel_scale
     frame = _color(rng, dom, "car" if kind == MOTORCYCLE else "pole")
     tyre = np.full(3, 0.1, dtype=np.float32)
     if crossing:
@@ -541,16 +579,17 @@ def _two_wheeler(canvas, cam, dom, rng, kind, x, z, crossing: bool) -> None:
             canvas.paint(canvas.ellipse(cx, cy, rr * 0.8, rr * 0.8), kind, frame * 0.8, alpha=0.4)
         body = (x - 0.5, x + 0.5, r, r + (0.25 if kind == BICYCLE else 0.45))
     else:
-        canvas.paint(_front_rect(canvas, cam, x - 0.05, x + 0.05, 0.0, 2 * r, z, 0.5), kind, tyre)
-        body = (x - (0.3 if kind == BICYCLE else 0.4), x + (0.3 if kind == BICYCLE else 0.4),
-                2 * r, 2 * r + 0.15)
+        k = dom.thin_scale
+        half = (0.3 if kind == BICYCLE else 0.4) * k
+        canvas.paint(_front_rect(canvas, cam, x - 0.06 * k, x + 0.06 * k, 0.0, 2 * r, z, 0.5), kind, tyre)
+        body = (x - half, x + half, r, 2 * r + 0.15) if kind == MOTORCYCLE else (x - half, x + half, 2 * r, 2 * r + 0.15)
     canvas.paint(_front_rect(canvas, cam, body[0], body[1], body[2], body[3], z), kind, frame)
     _person(canvas, cam, dom, rng, x, z - 0.05, label=RIDER, ground=r * 1.2, seated=True)
 
 
 def _street_things(canvas, cam, st: _Street, dom: Domain, rng) -> list:
     """Everything in front of the facades, as (depth, draw) to paint far to near."""
-    far = min(st.end, 90.0)  # beyond, things are a pixel or two
+    far = min(st.end, dom.far)  # beyond, things are a pixel or two
     things = []
 
     def per(rate):  # how many along the visible street
@@ -568,7 +607,7 @@ def _street_things(canvas, cam, st: _Street, dom: Domain, rng) -> list:
         for z in np.sort(rng.uniform(4, far, per(dom.parked_cars))):
             kind = rng.choice([TRUCK, BUS]) if rng.random() < dom.heavy_share / 2 else CAR
             add(z, _vehicle, kind, st.curb(side) - side * 1.2, z, rng.random() < 0.5)
-        for z in rng.uniform(3, 60, per(dom.pedestrians)):
+        for z in rng.uniform(3, dom.near_things, per(dom.pedestrians)):
             add(z, _person, st.curb(side) + side * rng.uniform(0.6, st.sidewalk - 0.3), z)
             if rng.random() < 0.3:  # people walk in groups
                 add(z + 0.5, _person, st.curb(side) + side * rng.uniform(0.6, st.sidewalk - 0.3), z + 0.5)
@@ -582,9 +621,9 @@ def _street_things(canvas, cam, st: _Street, dom: Domain, rng) -> list:
         add(z, _vehicle, TRAIN, st.center + rng.uniform(-0.5, 0.5), z, rng.random() < 0.5)
     for kind, rate in ((BICYCLE, dom.cyclists), (MOTORCYCLE, dom.motorcyclists)):
         for _ in range(rng.poisson(rate)):
-            z = rng.uniform(5, 40)
+            z = rng.uniform(5, min(40.0, dom.near_things))
             side = int(rng.choice([-1, 1]))
-            crossing = rng.random() < 0.35
+            crossing = rng.random() < dom.crossing_share
             x = rng.uniform(-st.road, st.road) + st.center if crossing else st.curb(side) - side * 0.9
             add(z, _two_wheeler, kind, x, z, crossing)
     if dom.cyclists and rng.random() < dom.cyclists / 2:  # a bicycle parked on the sidewalk
@@ -623,13 +662,17 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.nda
     return np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC), dtype=np.float32)
 
 
-def _develop(canvas: _Canvas, dom: Domain, rng: np.random.Generator) -> np.ndarray:
+def _develop(canvas: _Canvas, dom: Domain, rng: np.random.Generator, horizon: float) -> np.ndarray:
     """Linear canvas -> the domain's photograph: texture, grading, optics, sensor, codec."""
     h, w = canvas.h, canvas.w
     grain = rng.standard_normal((h, w)).astype(np.float32)
     blotch = _smooth_noise(rng, h, w, cell=6) - 0.5
     amp = dom.texture * _TEXTURE[canvas.label]
     rgb = canvas.rgb * (1 + amp * (0.7 * grain + 1.5 * blotch))[..., None]
+    if dom.haze:
+        rows = np.arange(h, dtype=np.float32)[:, None, None]
+        weight = dom.haze * np.exp(-np.abs(rows - horizon) / (0.18 * h))
+        rgb = rgb * (1 - weight) + _rgb(dom.haze_color) * weight
     grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
     rgb = grey[..., None] + dom.saturation * (rgb - grey[..., None])
     rgb = rgb * np.asarray(dom.tint, np.float32) * rng.uniform(0.85, 1.1)  # per-frame exposure
@@ -675,7 +718,7 @@ def render(dom: Domain, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     """One scene: RGB image (H, W, 3) uint8 and Cityscapes label ids (H, W) uint8."""
     dom = _frame_look(dom, rng)
     w, h = dom.size
-    cam = _Camera(f=0.95 * w, cx=w * rng.uniform(0.44, 0.56), horizon=h * rng.uniform(*dom.horizon),
+    cam = _Camera(f=dom.focal * w, cx=w * rng.uniform(0.44, 0.56), horizon=h * rng.uniform(*dom.horizon),
                   height=dom.camera_height)
     canvas = _Canvas(w, h)
     street = _sample_street(rng, dom)
@@ -688,15 +731,16 @@ def render(dom: Domain, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
         draw()
     if dom.ego_vehicle:
         _draw_ego_vehicle(canvas, rng)
-    return _develop(canvas, dom, rng), canvas.label
+    return _develop(canvas, dom, rng, cam.horizon), canvas.label
 
 
 # --- files -----------------------------------------------------------------------------------
 
-def source_paths(out: str, index: int) -> tuple[str, str]:
-    """Image and label path of source frame `index` (0-based; files count from 00001)."""
+def source_paths(out: str, index: int, folder: str = "source") -> tuple[str, str]:
+    """Image and label path of source frame `index` (0-based; files count from 00001);
+    folder "source_val" holds the held-out source frames, in the same GTA5 layout."""
     name = f"{index + 1:05d}.png"
-    return storage.join(out, "source", "images", name), storage.join(out, "source", "labels", name)
+    return storage.join(out, folder, "images", name), storage.join(out, folder, "labels", name)
 
 
 def target_paths(out: str, split: str, index: int) -> tuple[str, str]:
@@ -722,30 +766,71 @@ def _label_png(ids: np.ndarray, palette: bool) -> bytes:
     return _png(image)
 
 
-def _make_one(task: tuple[str, int, int, str]) -> np.ndarray:
+LOOK_KEYS = ("saturation", "tint", "contrast", "gamma", "blur", "noise", "vignette", "jpeg_quality",
+             "texture", "haze", "haze_color", "window", "colors")
+
+
+def with_look(dom: Domain, **look) -> Domain:
+    """``dom`` with some of its look replaced (``LOOK_KEYS``): the knobs for drawing a target
+    the defaults never use (stronger haze, colour casts, blur, noise, compression)."""
+    unknown = sorted(set(look) - set(LOOK_KEYS))
+    if unknown:
+        raise ValueError(f"unknown look setting(s) {', '.join(unknown)}: choose from {', '.join(LOOK_KEYS)}")
+    if "colors" in look:  # materials: {"road": [[r, g, b], ...], ...} replaces those keys' palettes
+        unknown = sorted(set(look["colors"]) - set(dom.colors))
+        if unknown:
+            raise ValueError(f"unknown material(s) {', '.join(unknown)} in colors: choose from {', '.join(dom.colors)}")
+        palettes = {k: tuple(tuple(int(x) for x in c) for c in v) for k, v in look["colors"].items()}
+        if any(len(c) != 3 or not all(0 <= x <= 255 for x in c) for v in palettes.values() for c in v) or \
+                not all(palettes.values()):
+            raise ValueError(f"colors: every material needs one or more [R, G, B] in 0..255, got {look['colors']}")
+        look["colors"] = {**dom.colors, **palettes}
+    for key in ("tint", "haze_color", "window"):
+        if key in look:
+            look[key] = tuple(look[key])
+            if len(look[key]) != 3:
+                raise ValueError(f"{key} needs three values (R, G, B), got {look[key]}")
+    if "jpeg_quality" in look and look["jpeg_quality"] is not None:
+        look["jpeg_quality"] = int(look["jpeg_quality"])
+        if not 1 <= look["jpeg_quality"] <= 95:
+            raise ValueError(f"jpeg_quality must be in 1..95 (or null for none), got {look['jpeg_quality']}")
+    for key in ("blur", "noise", "vignette", "texture", "haze"):
+        if key in look and not look[key] >= 0:
+            raise ValueError(f"{key} must be >= 0, got {look[key]}")
+    if "haze" in look and look["haze"] > 1:
+        raise ValueError(f"haze must be in [0, 1], got {look['haze']}")
+    return replace(dom, **look)
+
+
+def _make_one(task: tuple[str, int, int, str, Domain]) -> np.ndarray:
     """Render and write one frame; returns its pixel count per train id (255 = ignored)."""
-    set_name, index, seed, out = task
+    set_name, index, seed, out, dom = task
     rng = np.random.default_rng([seed, _SETS.index(set_name), index])
-    dom = SOURCE if set_name == "source" else TARGET
     image, ids = render(dom, rng)
-    if set_name == "source":
-        image_path, label_path = source_paths(out, index)
+    if set_name.startswith("source"):
+        image_path, label_path = source_paths(out, index, set_name)
     else:
         image_path, label_path = target_paths(out, set_name.removeprefix("target_"), index)
     storage.write_bytes(image_path, _png(Image.fromarray(image)))
-    storage.write_bytes(label_path, _label_png(ids, palette=set_name == "source"))
+    storage.write_bytes(label_path, _label_png(ids, palette=set_name.startswith("source")))
     return np.bincount(CITYSCAPES_ID_TO_TRAIN[ids].ravel(), minlength=256)
 
 
 def generate(out: str, seed: int = 0, num_source: int = 400, num_target_train: int = 300,
-             num_target_val: int = 100, workers: int | None = None) -> dict[str, np.ndarray]:
-    """Write the three sets under `out`; returns pixel counts per train id (256 bins) per set."""
+             num_target_val: int = 100, workers: int | None = None, num_source_val: int = 0,
+             target_look: dict | None = None) -> dict[str, np.ndarray]:
+    """Write the sets under `out` (source, its held-out source_val, target train and val);
+    returns pixel counts per train id (256 bins) per set. ``target_look``: settings of
+    ``with_look`` for the target (train and val alike)."""
     storage.check_uri(out)
-    counts = {"source": num_source, "target_train": num_target_train, "target_val": num_target_val}
+    counts = {"source": num_source, "target_train": num_target_train, "target_val": num_target_val,
+              "source_val": num_source_val}
     for name, n in counts.items():
         if n < 0:
             raise ValueError(f"--num-{name.replace('_', '-')} must be >= 0, got {n}")
-    tasks = [(name, i, seed, out) for name, n in counts.items() for i in range(n)]
+    target = with_look(TARGET, **(target_look or {}))
+    tasks = [(name, i, seed, out, SOURCE if name.startswith("source") else target)
+             for name, n in counts.items() for i in range(n)]
     workers = workers or min(os.cpu_count() or 1, 8)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
