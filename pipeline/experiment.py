@@ -62,6 +62,7 @@ class ComputeConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     loader_workers: int = 2  # DataLoader processes per training worker
+    decoded_cache_mb: float = 0  # decoded samples kept in memory, per loader process (0: none)
     amp: bool = True
     label_workers: int = 1  # pseudo-labelling actors, one model each
     gpus_per_label_worker: float = 0.0
@@ -244,7 +245,7 @@ class ExperimentConfig:
             crop_size=self.crop_size, source_crop_heights=self.source_crop_heights,
             target_crop_heights=self.target_crop_heights, checkpoint_every=checkpoint_every,
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
-            loader_workers=c.loader_workers, amp=c.amp, seed=self.seed, val=self.data.val,
+            loader_workers=c.loader_workers, decoded_cache_mb=c.decoded_cache_mb, amp=c.amp, seed=self.seed, val=self.data.val,
             eval_size=self.eval_size, **kw,
         )
 

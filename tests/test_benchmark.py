@@ -74,8 +74,9 @@ def test_layout_sizes_and_label_ids(tmp_path):
 
 def test_class_frequencies_differ_between_domains():
     src, tgt = _shares(benchmark.SOURCE), _shares(benchmark.TARGET)
-    for name in ("person", "bicycle", "vegetation", "fence", "pole"):
+    for name in ("person", "vegetation", "fence", "pole"):
         assert tgt[train_id(name)] > 1.5 * src[train_id(name)], name
+    assert tgt[train_id("bicycle")] > src[train_id("bicycle")]  # both domains draw enough to learn
     for name in ("truck", "bus", "motorcycle"):
         assert src[train_id(name)] > 1.5 * tgt[train_id(name)], name
     vehicles = [train_id(name) for name in ("car", "truck", "bus")]

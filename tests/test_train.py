@@ -212,3 +212,23 @@ def test_pseudo_labels_are_enlarged_to_the_image_not_the_image_shrunk(tmp_path):
     np.testing.assert_array_equal(got_image, image)
     assert got_label.shape == (8, 12)
     np.testing.assert_array_equal(got_label, label.repeat(2, axis=0).repeat(2, axis=1))
+
+
+def test_decoded_cache_decodes_each_sample_once_within_its_budget():
+    from pipeline.train import DecodedCache
+
+    calls = []
+
+    def load(i):
+        calls.append(i)
+        return np.full((64, 64, 3), i, np.uint8), np.full((64, 64), i, np.uint8)  # 16 KiB a sample
+
+    cache = DecodedCache(load, budget_mb=2 * 16 / 1024)  # room for two samples
+    for i in (0, 1, 0, 1, 2, 2, 0):
+        image, label = cache(i)
+        assert image[0, 0, 0] == i and label[0, 0] == i
+    assert calls == [0, 1, 2, 2]  # 0 and 1 kept, 2 over the budget: decoded every time
+    assert cache.used == 2 * (64 * 64 * 4)
+    image, _ = cache(0)
+    with pytest.raises(ValueError, match="read-only"):
+        image[0, 0, 0] = 7  # a transform writing into a cached sample fails loudly

@@ -179,6 +179,12 @@ TARGET = Domain(
                      (215, 212, 205), (185, 150, 120)),
         "clothes": _COLORS["clothes"][:6],  # dark coats
         "glass": ((75, 95, 115),),
+        # The large classes' materials differ too, as real asphalt, paving and foliage do
+        # from a game's: without it the source model transfers 0.75 of the oracle's
+        # accuracy (GTA5 -> Cityscapes: 0.55) and self-training has little to fix.
+        "road": ((125, 118, 108),), "sidewalk": ((190, 178, 150), (175, 170, 160)),
+        "vegetation": ((65, 105, 60), (80, 115, 55), (60, 95, 50)),
+        "terrain": ((150, 125, 80), (140, 120, 85)),
     },
     skies=(((120, 160, 205), (215, 222, 230)), ((185, 190, 198), (225, 227, 230)),
            ((205, 208, 212), (235, 236, 238))),
