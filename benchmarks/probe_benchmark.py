@@ -118,8 +118,7 @@ def factors(model, seed: int, n: int) -> None:
     """The source model on target frames with the source's look, one part of the target's at a time."""
     looks = ("colors", "skies", "window", "sun", "texture", "saturation", "tint", "contrast", "gamma", "blur",
              "noise", "vignette", "jpeg_quality", "overcast", "look_jitter", "max_blur")
-    base = replace(B.TARGET, **{k: getattr(B.SOURCE, k) for k in looks}, overcast=0.0, look_jitter=0.0,
-                   max_blur=0.0)
+    base = replace(B.TARGET, **{k: getattr(B.SOURCE, k) for k in looks})  # the source's weather too
     groups = (("colors",), ("skies",), ("window",), ("sun",), ("texture",),
               ("saturation", "tint", "contrast", "gamma"), ("blur",), ("noise",), ("vignette",), ("jpeg_quality",))
     variants = {"target layout, source look": base}

@@ -2,18 +2,24 @@
 
 A labelled *source* domain that looks like GTA5 (saturated flat colours, warm sun with
 hard shadows, sharp, clean) and a *target* domain that looks like Cityscapes (dull, cool,
-overcast, textured, blurred, noisy, vignetted, JPEG-compressed, ego-vehicle bonnet). Both
-draw one street model: a perspective road with sidewalks, verges, facades, walls and
-fences, trees, poles with signs and lights, parked and moving traffic, pedestrians and
-cyclists, painted far to near. The domains differ in palette, lighting and texture, and in
-class frequencies (the source has more and bigger vehicles, the target more people,
-bicycles, vegetation and fences), so a source model transfers only in part. Like GTA5's
-weather and time-of-day cycle, a third of the source frames are overcast and every source
-frame is graded and focused a little differently; the target is one season's daytime.
+overcast, other asphalt, paving and foliage, dark windows, textured, blurred, noisy,
+vignetted, JPEG-compressed, ego-vehicle bonnet). Both draw one street model: a
+perspective road with sidewalks, verges, facades, walls and fences, trees, poles with
+signs and lights, parked and moving traffic, pedestrians and cyclists, painted far to
+near, at the scale of a miniature (``_SCALE``: thin things wider than life and nothing
+small far away, so every class is a few pixels wide at 256x128). The domains differ in
+materials, lighting and texture, and moderately in class frequencies (the source has more
+and bigger vehicles, the target more people, vegetation, poles and fences), so a source
+model transfers only in part. Like GTA5's weather and time-of-day cycle, a third of the
+source frames are overcast and every source frame is graded and focused a little
+differently; the target is one season's daytime, and ``with_look`` draws it with other
+looks (haze, colour casts, blur, noise, compression, materials). docs/benchmark.md has
+the measurements behind the design.
 
 Files follow the real datasets' layouts (reference §6), so the same loaders read both:
 
     source/images/00001.png, source/labels/00001.png          (GTA5: Cityscapes label ids)
+    source_val/images/00001.png, source_val/labels/00001.png  (held-out source frames)
     target/leftImg8bit/{train,val}/<city>/<city>_000000_NNNNNN_leftImg8bit.png
     target/gtFine/{train,val}/<city>/<city>_000000_NNNNNN_gtFine_labelIds.png
 
