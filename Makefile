@@ -16,7 +16,7 @@ ifdef RAY_ADDRESS
 export RAY_ADDRESS
 endif
 
-.PHONY: install test test-slow demo benchmark-data ablation compare-methods bench mlflow-ui clean \
+.PHONY: install system-packages test test-slow demo benchmark-data ablation compare-methods bench mlflow-ui clean \
         prepare-gta5 prepare-synthia prepare-cityscapes reproduce-gta5 reproduce-synthia
 
 $(STAMP): pyproject.toml constraints.txt
@@ -28,7 +28,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The system packages the tests use: Debian's headless chromium (tests/test_mlflow_ui.py),
+# installed when absent if this is a Debian-like machine and we are root.
+system-packages:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo ">> installing Debian's chromium and chromium-driver (for tests/test_mlflow_ui.py; ~1 min)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "make test needs Debian's chromium and chromium-driver (tests/test_mlflow_ui.py), and cannot install"; \
+	    echo "them here (not root, or no apt-get): run 'sudo apt-get install chromium chromium-driver' first."; \
+	    exit 2; \
+	  fi; }
+
+test: $(STAMP) system-packages
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: $(STAMP)
