@@ -260,7 +260,7 @@ def preconditions(records: list[StageRecord], key: str = "mIoU-19") -> str:
         ratio = source / oracle
         lines.append(f"P2 a real gap: source-only / oracle = {100 * source:.2f} / {100 * oracle:.2f} = {ratio:.2f} "
                      f"(in {P2_RANGE[0]}-{P2_RANGE[1]}): {verdict(P2_RANGE[0] <= ratio <= P2_RANGE[1])}")
-        if rounds and f"val/{key}" in rounds[-1].metrics:
+        if rounds and f"val/{key}" in rounds[-1].metrics and oracle > source:
             best = max(r.metrics.get(f"val/{key}", float("-inf")) for r in rounds)
             last = rounds[-1].metrics[f"val/{key}"]
             gap = oracle - source
