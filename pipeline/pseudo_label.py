@@ -166,7 +166,9 @@ class _Predictor:
             row = {"index": int(batch["index"][i]), "error": batch["error"][i]}
             if not row["error"]:
                 w, h = self.size
-                x = normalize(torch.from_numpy(batch["image"][i][None]).to(self.device))
+                # np.array copies: Ray Data hands a read-only view of its block when this
+                # actor is not fused with the decoding task, which torch.from_numpy warns about.
+                x = normalize(torch.from_numpy(np.array(batch["image"][i][None])).to(self.device))
                 probs = predict_probs(self.model, x, sizes=self.test_sizes, flip=self.flip, output_size=(w, h))[0]
                 conf, pred = probs.max(dim=0)
                 pred = pred.to(torch.uint8).cpu().numpy()

@@ -1,4 +1,6 @@
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +130,7 @@ def test_corrupt_image_fails_with_its_name_then_resume_reuses_finished_parts(
 def test_skip_unreadable_counts_and_excludes_the_image(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
     target = _copy_target(benchmark_data, tmp_path)
     samples = sorted(target.samples(), key=lambda s: s.name)
-    open(samples[2].image, "wb").write(b"garbage")
+    Path(samples[2].image).write_bytes(b"garbage")
     manifest = run(_cfg(tmp_path / "s", target, small_checkpoint, skip_unreadable=True))
     assert manifest["skipped_unreadable"] == [samples[2].name]
     assert manifest["num_images"] == 9
@@ -141,7 +143,7 @@ def test_parts_with_no_readable_image_still_get_a_labels_part(ray_cluster, bench
     samples = sorted(target.samples(), key=lambda s: s.name)
     bad = [samples[i] for i in (3, 4, 5, 9)]  # all of part 1 and of the last part (part_size 3)
     for s in bad:
-        open(s.image, "wb").write(b"garbage")
+        Path(s.image).write_bytes(b"garbage")
     manifest = run(_cfg(tmp_path / "s", target, small_checkpoint, skip_unreadable=True))
     assert manifest["num_parts"] == 4
     assert manifest["skipped_unreadable"] == [s.name for s in bad]
@@ -154,7 +156,7 @@ def test_a_strict_run_does_not_reuse_predictions_made_while_skipping(
 ):
     target = _copy_target(benchmark_data, tmp_path)
     samples = sorted(target.samples(), key=lambda s: s.name)
-    open(samples[4].image, "wb").write(b"garbage")
+    Path(samples[4].image).write_bytes(b"garbage")
     run(_cfg(tmp_path / "s", target, small_checkpoint, skip_unreadable=True))
     LabelStore(str(tmp_path / "s")).invalidate()  # as if the skipping run had crashed before its commit
     with pytest.raises(ValueError, match=f"(?s){samples[4].name}.*skip_unreadable=true"):
@@ -225,3 +227,25 @@ def test_true_classes_need_target_labels_and_a_known_mode(ray_cluster, benchmark
     assert not (tmp_path / "s").exists()  # refused before any prediction
     with pytest.raises(ValueError, match="label_values"):
         SelectorConfig("ias", label_values="truth")
+
+
+# Ray Data hands the predictor a read-only view of its block when the predictor is not fused
+# with the decoding task (the demo's cpus_per_label_worker differs from the task's CPUs);
+# torch.from_numpy warns once per process about such arrays, so this runs in a fresh one.
+READ_ONLY_BATCH = """
+import numpy as np
+from pipeline.pseudo_label import PseudoLabelConfig, _Predictor
+cfg = PseudoLabelConfig(target=None, store="unused", checkpoint=CHECKPOINT, arch="deeplabv2_small", size=(32, 16))
+image = np.random.default_rng(0).integers(0, 256, (2, 16, 32, 3), dtype=np.uint8)
+image.flags.writeable = False
+out = _Predictor(cfg)({"index": np.arange(2), "error": np.array(["", ""], object), "image": image,
+                       "ground_truth": np.zeros((2, 16, 32), np.uint8), "has_gt": np.zeros(2, bool)})
+assert out.num_rows == 2 and len(out.column("prediction")[0].as_py()) == 32 * 16
+"""
+
+
+def test_the_predictor_takes_read_only_batches_without_a_warning(small_checkpoint):
+    code = READ_ONLY_BATCH.replace("CHECKPOINT", repr(small_checkpoint))
+    proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
