@@ -1,60 +1,47 @@
-"""Training stages run by Ray Train's TorchTrainer with DDP (reference §5).
+"""The training loop shared by every method (pipeline.methods), run by Ray Train's
+TorchTrainer with DDP, or in a plain Python process without Ray (``fit_local``).
 
-- ``source_only``: cross-entropy on the labelled source set;
-- ``adversarial``: output-space adversarial warm-up (LSGAN) from a source-only model;
-- ``self_training``: one IAST round on the target images and a label store, with the
-  region-guided loss (target only, as in the released code); with ``teacher_momentum``
-  set, HIAST's version: the student learns on strong views of the images, and an EMA
-  teacher's predictions on the weak views supervise the pixels without a pseudo-label;
-  with ``hard_classes`` set, every sample first receives the pseudo-labelled pixels of
-  the hardest classes from a donor image of the store (HIAST's hard-aware augmentation);
-- ``oracle``: supervised on the labelled target set (the benchmark's upper bound).
+The stages (reference §5) and their methods:
 
-Each worker reads its own shard of the data with a per-worker DataLoader; the stream of
-samples is a function of (seed, worker rank, position), so a resumed run continues the
-same stream. Checkpoints (model, optimiser, scheduler, step, config) go to the run's
-storage path every ``checkpoint_every`` steps and at the end; a re-run with the same
-name resumes from the last one, and Ray Train's FailureConfig restarts failed workers
-from it.
+- ``source_only`` / ``oracle``: cross-entropy on the labelled source / target set
+  (pipeline.methods.supervised);
+- ``adversarial``: output-space adversarial warm-up from a source-only model
+  (pipeline.methods.adversarial);
+- ``self_training``: one IAST round on a label store; with ``teacher_momentum`` set,
+  HIAST's (pipeline.methods.iast);
+- ``stvm``: source-free self-training against a mean teacher weighted by a learned
+  reliability (pipeline.methods.stvm).
+
+The loop owns device, DDP, mixed precision, the student's optimiser and cosine schedule,
+checkpoint and resume, logging and validation; each worker reads its own shard of the
+data (pipeline.data.streams), so a resumed run continues the same stream. Checkpoints
+(the student, its optimiser, scheduler and step, every module and optimiser the method
+declares, the config) are written every ``checkpoint_every`` steps and at the end; a
+re-run with the same name resumes from the last one, and Ray Train's FailureConfig
+restarts failed workers from it.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
+import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-import numpy as np
-import ray.train
-import ray.train.torch
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from pipeline import config as config_lib
-from pipeline import distributed, selectors, storage
+from pipeline import distributed, storage
 from pipeline.data.datasets import DataConfig, Sample, load_image, load_label
-from pipeline.data.transforms import (
-    HardClassPaste,
-    eval_transform,
-    hard_class_donors,
-    train_transform,
-    weak_strong_transform,
-)
+from pipeline.data.transforms import eval_transform
 from pipeline.evaluation import ConfusionMatrix, predict_probs
-from pipeline.label_store import LabelStore, decode_label
-from pipeline.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
-from pipeline.losses import (
-    adversarial_loss,
-    consistency_loss,
-    cross_entropy,
-    discriminator_loss,
-    region_guided_loss,
-)
+from pipeline.label_store import LabelStore
+from pipeline.labels import NUM_CLASSES
+from pipeline.methods import Method, StepContext, STvMConfig, method_class, uses_amp
 from pipeline.models import (
     build_model,
     load_checkpoint,
@@ -64,10 +51,9 @@ from pipeline.models import (
     save_checkpoint,
     set_batchnorm_mode,
 )
-from pipeline.models.discriminator import OutputSpaceDiscriminator
 
 CHECKPOINT_FILE = "checkpoint.pt"
-Stage = Literal["source_only", "adversarial", "self_training", "oracle"]
+Stage = Literal["source_only", "adversarial", "self_training", "oracle", "stvm"]
 
 
 @dataclass
@@ -104,6 +90,7 @@ class TrainConfig:
     # classes (lowest confidence EMA in the label store) from a donor image into every
     # sample; 0: no pasting. HIAST uses 14.
     hard_classes: int = 0
+    stvm: STvMConfig | None = None  # STvM's settings (stage stvm; default STvMConfig())
     adversarial_weight: float = 0.05
     discriminator_lr: float = 2e-5
     checkpoint_every: int = 500
@@ -133,6 +120,12 @@ class TrainConfig:
                 raise ValueError(f"hard_classes applies to self_training only, not to {self.stage}")
             if not 0 < self.hard_classes <= self.num_classes:
                 raise ValueError(f"hard_classes must be in 0..{self.num_classes}, got {self.hard_classes}")
+        if self.stage == "stvm" and self.stvm is None:
+            self.stvm = STvMConfig()
+        if self.stvm is not None and self.stage != "stvm":
+            raise ValueError(f"stvm settings apply to stage stvm only, not to {self.stage}")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.batch_size % self.num_workers:
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by num_workers {self.num_workers}"
@@ -142,16 +135,8 @@ class TrainConfig:
 def check_config(cfg: TrainConfig) -> None:
     """Fail fast, on the driver, before any worker starts: data present, store compatible."""
     storage.check_uri(cfg.storage)
-    needs = {
-        "source_only": ("source",),
-        "adversarial": ("source", "target"),
-        "self_training": ("label_store",),
-        "oracle": ("target",),
-    }[cfg.stage]
-    for key in needs:
-        if getattr(cfg, key) is None:
-            raise ValueError(f"stage {cfg.stage} needs `{key}` in its config")
-    labelled = {"source", "val"} | ({"target"} if cfg.stage == "oracle" else set())
+    method = method_class(cfg)
+    method.check(cfg)
     for key in ("source", "target", "val"):
         data = getattr(cfg, key)
         if data is None:
@@ -159,7 +144,7 @@ def check_config(cfg: TrainConfig) -> None:
         samples = data.samples()  # raises with the fix when the prepared list is missing
         if not samples:
             raise ValueError(f"{key}: {data.dataset} {data.split} at {data.root} holds no images")
-        if key in labelled and samples[0].label is None:
+        if (key in method.labelled or key == "val") and samples[0].label is None:
             raise ValueError(f"{key}: {data.dataset} {data.split} at {data.root} has no labels")
     if cfg.label_store:
         manifest = LabelStore(cfg.label_store).manifest()
@@ -168,143 +153,10 @@ def check_config(cfg: TrainConfig) -> None:
                 f"label store {cfg.label_store} has {manifest['num_classes']} classes but the model "
                 f"is configured for {cfg.num_classes}; regenerate the labels or fix num_classes"
             )
-        if cfg.hard_classes and manifest.get("statistics", {}).get("confidence") is None:
-            raise ValueError(
-                f"label store {cfg.label_store} holds no per-class confidence (it predates hard-class "
-                "pasting): regenerate it with jobs/pseudo_label.py, or set hard_classes to 0"
-            )
     for key in ("init", "imagenet_backbone"):
         uri = getattr(cfg, key)
         if uri and not storage.exists(uri):
             raise FileNotFoundError(f"{key}: checkpoint file {uri} not found")
-
-
-# -- data ---------------------------------------------------------------------------------
-
-
-class _Stream(torch.utils.data.Dataset):
-    """Position ``k`` of this worker's endless sample stream -> transformed sample.
-
-    The global position g = k * world + rank walks epochs of a seeded permutation, so
-    workers see disjoint shards of every epoch and the stream resumes exactly from a step.
-    """
-
-    def __init__(self, load: Callable[[int], tuple], size: int, transform, seed: int, rank: int, world: int):
-        self.load, self.size, self.transform = load, size, transform
-        self.seed, self.rank, self.world = seed, rank, world
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, k: int):
-        g = k * self.world + self.rank
-        epoch, pos = divmod(g, self.size)
-        index = int(np.random.default_rng([self.seed, epoch]).permutation(self.size)[pos])
-        image, label = self.load(index)
-        return self.transform(image, label, np.random.default_rng([self.seed, g, 1]))
-
-
-class _From(torch.utils.data.Sampler):
-    def __init__(self, start: int):
-        self.start = start
-
-    def __iter__(self):
-        k = self.start
-        while True:
-            yield k
-            k += 1
-
-
-class DecodedCache:
-    """``load(i)`` with the decoded arrays kept in memory up to ``budget_mb``: a small
-    dataset (the built-in benchmark's 400 frames are ~45 MB) is decoded once instead of
-    once per sample, which on two cores is a quarter of a training step. Beyond the budget
-    samples are decoded as before. Cached arrays are read-only, so a transform that wrote
-    into its input would fail instead of corrupting the cache."""
-
-    def __init__(self, load: Callable[[int], tuple], budget_mb: float):
-        self.load, self.budget, self.used = load, budget_mb * 2**20, 0
-        self.items: dict[int, tuple] = {}
-
-    def __call__(self, index: int) -> tuple:
-        sample = self.items.get(index)
-        if sample is None:
-            sample = self.load(index)
-            size = sum(a.nbytes for a in sample)
-            if self.used + size <= self.budget:
-                for array in sample:
-                    array.flags.writeable = False
-                self.items[index] = sample
-                self.used += size
-        return sample
-
-
-def _labelled_loader(samples: list[Sample]):
-    def load(i: int):
-        return load_image(samples[i].image), load_label(samples[i].label)
-
-    return load, len(samples)
-
-
-def _unlabelled_loader(samples: list[Sample]):
-    def load(i: int):
-        image = load_image(samples[i].image)
-        return image, np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
-
-    return load, len(samples)
-
-
-def _pseudo_labelled_loader(store_uri: str):
-    rows = LabelStore(store_uri).read_labels(columns=["image", "label", "height", "width"]).to_pylist()
-
-    def load(i: int):
-        row = rows[i]
-        label = decode_label(row)
-        image = load_image(row["image"])
-        # Labels live at the pseudo-label size (e.g. 1280x640); the image keeps its own
-        # (2048x1024), so the crop heights of §5 mean what they say: the label is enlarged,
-        # nearest neighbour, as the released code does.
-        if image.shape[:2] != label.shape:
-            label = np.asarray(Image.fromarray(label).resize(image.shape[1::-1], Image.NEAREST))
-        return image, label
-
-    return load, len(rows)
-
-
-def _hard_class_paste(store_uri: str, load: Callable[[int], tuple], num_hard: int) -> HardClassPaste:
-    """HIAST's pasting over a label store: its hardest classes and their donor images."""
-    store = LabelStore(store_uri)
-    hard, probs = selectors.hard_classes(store.manifest()["statistics"]["confidence"], num_hard)
-    kept = np.array(store.read_labels(columns=["class_kept"]).column("class_kept").to_pylist(), np.int64)
-    paste = HardClassPaste(hard, probs, hard_class_donors(kept, hard), load)
-    if not len(paste.classes) and distributed.rank() == 0:
-        print(f"warning: label store {store_uri} keeps no pixel to paste; training without hard-class pasting",
-              flush=True)
-    return paste
-
-
-def _loader(source, crop_heights, cfg: TrainConfig, start: int, salt: int, two_views: bool = False,
-            first=()):
-    """Batches of (image, label), or of (weak, strong, label) with ``two_views``; ``first``:
-    transforms applied to the loaded sample before the augmentation."""
-    load, size = source
-    if cfg.decoded_cache_mb > 0:
-        load = DecodedCache(load, cfg.decoded_cache_mb)
-    rank, world = distributed.rank(), distributed.world_size()
-    make = weak_strong_transform if two_views else train_transform
-    transform = make(tuple(crop_heights), (cfg.crop_size[1], cfg.crop_size[0]), first=first)
-    dataset = _Stream(load, size, transform, cfg.seed + salt, rank, world)
-    per_worker = cfg.batch_size // world
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=per_worker,
-        sampler=_From(start * per_worker),
-        num_workers=cfg.loader_workers,
-        pin_memory=cfg.use_gpu,
-        persistent_workers=cfg.loader_workers > 0,
-        prefetch_factor=4 if cfg.loader_workers > 0 else None,
-    )
-    return iter(loader)
 
 
 # -- model and optimisation -----------------------------------------------------------------
@@ -333,29 +185,95 @@ def _build(cfg: TrainConfig):
     return model, optimizer, scheduler
 
 
-def _make_teacher(model: torch.nn.Module) -> torch.nn.Module:
-    teacher = copy.deepcopy(model).eval()
-    teacher.requires_grad_(False)
-    return teacher
+# -- where the loop runs ------------------------------------------------------------------
 
 
-@torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
-    """teacher <- momentum·teacher + (1 - momentum)·student, for the weights and the
-    BatchNorm statistics alike (the teacher runs in eval mode, on its own statistics);
-    integer buffers (BN's batch counters) are copied."""
-    taught = student.state_dict()
-    for name, value in teacher.state_dict().items():
-        if value.dtype.is_floating_point:
-            value.mul_(momentum).add_(taught[name].detach(), alpha=1 - momentum)
+class RaySession:
+    """Inside Ray Train's TorchTrainer: its device, DDP wrapper, checkpoints and reports."""
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    @contextmanager
+    def latest_checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
         else:
-            value.copy_(taught[name])
+            with checkpoint.as_directory() as path:
+                yield path
+
+    def report(self, metrics: dict, directory: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _save(cfg, step, model, optimizer, scheduler, extra_modules, metrics):
+class LocalSession:
+    """A plain Python process (no Ray): checkpoints in ``<storage>/<name>/checkpoint_<step>``
+    on the local disk, the last ``keep`` of them kept. Under ``torchrun`` (a process group
+    initialised) the model is wrapped in DDP as Ray Train would."""
+
+    def __init__(self, cfg: TrainConfig, keep: int = 2):
+        if storage.scheme(cfg.storage) != "file":
+            raise ValueError(f"a local run writes to a local folder, not {cfg.storage}: run it with fit() on Ray")
+        self.root, self.keep = os.path.join(cfg.storage, cfg.name), keep
+        self.use_gpu = cfg.use_gpu
+        self.reports: list[dict] = []
+
+    def device(self) -> torch.device:
+        if self.use_gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError("use_gpu is set but torch sees no CUDA device")
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        device = self.device()
+        model.to(device)
+        if distributed.is_distributed():
+            ids = [device.index] if device.type == "cuda" else None
+            return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def checkpoints(self) -> list[str]:
+        if not os.path.isdir(self.root):
+            return []
+        return sorted(os.path.join(self.root, d) for d in os.listdir(self.root) if d.startswith("checkpoint_"))
+
+    @contextmanager
+    def latest_checkpoint(self):
+        found = self.checkpoints()
+        yield found[-1] if found else None
+
+    def report(self, metrics: dict, directory: str | None) -> None:
+        self.reports.append(dict(metrics))
+        if directory is None:
+            return
+        final = os.path.join(self.root, f"checkpoint_{metrics['step']:09d}")
+        partial = final + ".partial"  # a crash mid-copy leaves no checkpoint that looks whole
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(directory, partial)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(partial, final)
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old)
+
+
+def _save(session, cfg, step, student, optimizer, scheduler, modules, metrics):
     """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all of them)."""
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
+        directory = None
         if distributed.rank() == 0:
             extras = {
                 "optimizer": optimizer.state_dict(),
@@ -363,24 +281,23 @@ def _save(cfg, step, model, optimizer, scheduler, extra_modules, metrics):
                 "step": step,
                 "config": config_lib.to_dict(cfg),
             }
-            for name, (module, opt) in extra_modules.items():
+            for name, (module, opt) in modules.items():
                 extras[name] = module.state_dict()
                 if opt is not None:
                     extras[f"{name}_optimizer"] = opt.state_dict()
-            save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), distributed.unwrap(model), **extras)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
+            save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), student, **extras)
+            directory = tmp
+        session.report({"step": step, **metrics}, directory)
 
 
-def _restore(model, optimizer, scheduler, extra_modules) -> int:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as path:
-        state = load_checkpoint(distributed.unwrap(model), os.path.join(path, CHECKPOINT_FILE))
+def _restore(session, student, optimizer, scheduler, modules) -> int:
+    with session.latest_checkpoint() as path:
+        if path is None:
+            return 0
+        state = load_checkpoint(student, os.path.join(path, CHECKPOINT_FILE))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    for name, (module, opt) in extra_modules.items():
+    for name, (module, opt) in modules.items():
         module.load_state_dict(state[name])
         if opt is not None:
             opt.load_state_dict(state[f"{name}_optimizer"])
@@ -409,117 +326,54 @@ def evaluate_shard(model, samples: list[Sample], cfg: TrainConfig, device) -> Co
 # -- the loop ---------------------------------------------------------------------------------
 
 
-def train_loop(loop_config: dict) -> None:
-    """Ray Train worker function. ``loop_config``: {"config": TrainConfig dict, and optionally
-    "on_step": a callable(step, model) run after every step (the tests inject faults with it)}."""
-    cfg = config_lib.from_dict(TrainConfig, loop_config["config"])
-    on_step = loop_config.get("on_step")
+def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
+    """Train (or resume) one stage with its method; returns the final metrics. ``on_step``:
+    a callable(step, student) run after every step (the tests inject faults with it)."""
     torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
+    device = session.device()
     if not cfg.use_gpu:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     rank = distributed.rank()
 
-    model, optimizer, scheduler = _build(cfg)
-    extra_modules = {}  # name -> (module, its optimizer or None), checkpointed with the model
-    teacher = None
-    if cfg.teacher_momentum is not None:  # a fresh copy of the round's initial weights
-        teacher = _make_teacher(model).to(device)
-        extra_modules["teacher"] = (teacher, None)
-    if cfg.stage == "adversarial":
-        discriminator = OutputSpaceDiscriminator(cfg.num_classes).to(device)
-        d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg.discriminator_lr, betas=(0.9, 0.99))
-        extra_modules["discriminator"] = (discriminator, d_optimizer)
-    model = ray.train.torch.prepare_model(model)
-    start = _restore(model, optimizer, scheduler, extra_modules)
-
-    if cfg.stage in ("source_only", "adversarial"):
-        main = _loader(_labelled_loader(cfg.source.samples()), cfg.source_crop_heights, cfg, start, 0)
-    elif cfg.stage == "oracle":
-        main = _loader(_labelled_loader(cfg.target.samples()), cfg.target_crop_heights, cfg, start, 0)
-    else:
-        pseudo = _pseudo_labelled_loader(cfg.label_store)
-        paste = [_hard_class_paste(cfg.label_store, pseudo[0], cfg.hard_classes)] if cfg.hard_classes else []
-        main = _loader(pseudo, cfg.target_crop_heights, cfg, start, 0, two_views=teacher is not None, first=paste)
-    target = None
-    if cfg.stage == "adversarial":
-        target = _loader(_unlabelled_loader(cfg.target.samples()), cfg.target_crop_heights, cfg, start, 1)
-
-    use_amp = cfg.amp and cfg.use_gpu
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    d_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    autocast = lambda: torch.autocast("cuda", dtype=torch.float16, enabled=use_amp)  # noqa: E731
+    student, optimizer, scheduler = _build(cfg)
+    method: Method = method_class(cfg)(cfg, student, device)
+    modules = method.modules()
+    method.model = session.prepare(student)
+    start = _restore(session, student, optimizer, scheduler, modules)
+    streams = method.streams(start)
+    ctx = StepContext(uses_amp(cfg))
 
     if rank == 0:
-        print(f"[{cfg.name}] {cfg.stage}: steps {start}->{cfg.iterations}, {distributed.world_size()} worker(s), "
-              f"batch {cfg.batch_size}, batchnorm={cfg.batchnorm}, device={device}", flush=True)
-    model.train()
+        print(f"[{cfg.name}] {cfg.stage} ({type(method).__name__}): steps {start}->{cfg.iterations}, "
+              f"{distributed.world_size()} worker(s), batch {cfg.batch_size}, batchnorm={cfg.batchnorm}, "
+              f"device={device}", flush=True)
+    method.model.train()
     sums: dict[str, float] = {}
     metrics = None
     wait = busy = 0.0
     t_log = time.perf_counter()
     for step in range(start + 1, cfg.iterations + 1):
         t0 = time.perf_counter()
-        batch = next(main)
-        xt = next(target)[0] if target is not None else None
+        batch = {name: next(stream) for name, stream in streams.items()}
         t1 = time.perf_counter()
-        batch = [t.to(device, non_blocking=True) for t in batch]
-        x, y = batch[-2], batch[-1]  # with a teacher, batch = (weak, strong, label): x is strong
+        batch = {name: [t.to(device, non_blocking=True) for t in tensors] for name, tensors in batch.items()}
         optimizer.zero_grad(set_to_none=True)
-        terms: dict[str, torch.Tensor] = {}
-        with autocast():
-            logits = model(x)
-            if cfg.stage == "self_training":
-                parts = region_guided_loss(logits, y, IGNORE_INDEX, cfg.confident_weight, cfg.ignored_weight)
-                loss = parts.total
-                terms.update(seg=parts.seg, confident_reg=parts.confident, ignored_reg=parts.ignored)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_probs = teacher(batch[0]).float().softmax(1)
-                    consistency = consistency_loss(logits, teacher_probs, y)
-                    loss = loss + cfg.consistency_weight * consistency
-                    terms["consistency"] = consistency
-            else:
-                loss = cross_entropy(logits, y)
-                terms["seg"] = loss
-        scaler.scale(loss).backward()
-        if cfg.stage == "adversarial":
-            discriminator, d_optimizer = extra_modules["discriminator"]
-            xt = xt.to(device, non_blocking=True)
-            discriminator.requires_grad_(False)
-            with autocast():
-                target_logits = model(xt)
-                adv = adversarial_loss(discriminator(target_logits.float().softmax(1)))
-            scaler.scale(cfg.adversarial_weight * adv).backward()
-            loss = loss + cfg.adversarial_weight * adv.detach()  # train/loss: the generator's whole objective
-            discriminator.requires_grad_(True)
-            d_optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                d_loss = discriminator_loss(
-                    discriminator(logits.detach().float().softmax(1)),
-                    discriminator(target_logits.detach().float().softmax(1)),
-                )
-            d_scaler.scale(d_loss).backward()
-            distributed.average_gradients(discriminator)
-            d_scaler.step(d_optimizer)
-            d_scaler.update()
-            terms.update(adversarial=adv, discriminator=d_loss)
-        scaler.step(optimizer)
-        scaler.update()
+        ctx.step = step
+        terms = method.step(batch, ctx)
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
         scheduler.step()
-        if teacher is not None:
-            ema_update(teacher, distributed.unwrap(model), cfg.teacher_momentum)
+        method.after_step(step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
         wait, busy = wait + (t1 - t0), busy + (t2 - t1)
-        terms["loss"] = loss
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         sums["_n"] = sums.get("_n", 0) + 1
 
         if on_step is not None:
-            on_step(step, distributed.unwrap(model))
+            on_step(step, student)
         is_last = step == cfg.iterations
         metrics = None
         if step % cfg.log_every == 0 or is_last:
@@ -537,17 +391,27 @@ def train_loop(loop_config: dict) -> None:
         if is_last:
             break  # the final report comes after validation
         if step % cfg.checkpoint_every == 0:
-            _save(cfg, step, model, optimizer, scheduler, extra_modules, metrics or {})
+            _save(session, cfg, step, student, optimizer, scheduler, modules, metrics or {})
         elif metrics is not None:  # every worker reports as often (Ray Train requires it)
-            ray.train.report({"step": step, **metrics})
+            session.report({"step": step, **metrics}, None)
 
     final_metrics = dict(metrics or {}) if start < cfg.iterations else {}
+    if start < cfg.iterations:
+        final_metrics.update(method.summary())
     if cfg.val is not None:
-        cm = evaluate_shard(model, cfg.val.samples(), cfg, device)
+        cm = evaluate_shard(method.model, cfg.val.samples(), cfg, device)
         final_metrics.update({f"val/{k}": v for k, v in cm.summary().items()})
         if rank == 0:
             print(f"[{cfg.name}] validation on {cfg.val.dataset} {cfg.val.split}:\n{cm.table()}", flush=True)
-    _save(cfg, cfg.iterations, model, optimizer, scheduler, extra_modules, final_metrics)
+    _save(session, cfg, cfg.iterations, student, optimizer, scheduler, modules, final_metrics)
+    return final_metrics
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train worker function. ``loop_config``: {"config": TrainConfig dict, and optionally
+    "on_step": see run_stage}."""
+    cfg = config_lib.from_dict(TrainConfig, loop_config["config"])
+    run_stage(cfg, RaySession(), loop_config.get("on_step"))
 
 
 # -- the driver side ------------------------------------------------------------------------------
@@ -562,10 +426,14 @@ class TrainResult:
 def fit(
     cfg: TrainConfig,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
-    callbacks: list[ray.train.UserCallback] = (),
+    callbacks: list = (),
 ) -> TrainResult:
     """Run (or resume) one training stage on the current Ray cluster. ``callbacks`` see
-    every report on the driver side (e.g. pipeline.tracking's MLflow logger)."""
+    every report on the driver side (ray.train.UserCallback, e.g. pipeline.tracking's
+    MLflow logger)."""
+    import ray.train
+    import ray.train.torch
+
     check_config(cfg)
     fs, root = storage.arrow_filesystem(cfg.storage)
     resources = {"CPU": cfg.cpus_per_worker}
@@ -588,3 +456,14 @@ def fit(
     path = result.checkpoint.path
     uri = path if storage.scheme(cfg.storage) == "file" else f"{storage.scheme(cfg.storage)}://{path}"
     return TrainResult(checkpoint=storage.join(uri, CHECKPOINT_FILE), metrics=dict(result.metrics or {}))
+
+
+def fit_local(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
+    """Run (or resume) one training stage in this process, without Ray (CPU or GPU): for
+    tests, GPU checks and single-machine debugging. Checkpoints go to
+    ``<storage>/<name>/checkpoint_<step>/``, as a re-run with the same name resumes."""
+    check_config(cfg)
+    session = LocalSession(cfg)
+    metrics = run_stage(cfg, session, on_step)
+    return TrainResult(checkpoint=os.path.join(session.checkpoints()[-1], CHECKPOINT_FILE),
+                       metrics={"step": cfg.iterations, **metrics})

@@ -11,7 +11,8 @@ from pipeline import config
 from pipeline.label_store import LabelStore
 from pipeline.pseudo_label import PseudoLabelConfig, SelectorConfig
 from pipeline.pseudo_label import run as make_labels
-from pipeline.train import TrainConfig, check_config, ema_update, fit
+from pipeline.methods.teacher import ema_update
+from pipeline.train import TrainConfig, check_config, fit
 
 
 def _cfg(tmp_path, benchmark_data, **kw):
@@ -191,7 +192,7 @@ def test_pseudo_labels_are_enlarged_to_the_image_not_the_image_shrunk(tmp_path):
     the label is enlarged, nearest neighbour; the image is read as it is."""
     from PIL import Image
 
-    from pipeline.train import _pseudo_labelled_loader
+    from pipeline.data.streams import pseudo_labelled as _pseudo_labelled_loader
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)
@@ -215,7 +216,7 @@ def test_pseudo_labels_are_enlarged_to_the_image_not_the_image_shrunk(tmp_path):
 
 
 def test_decoded_cache_decodes_each_sample_once_within_its_budget():
-    from pipeline.train import DecodedCache
+    from pipeline.data.streams import DecodedCache
 
     calls = []
 

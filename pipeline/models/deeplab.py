@@ -46,8 +46,13 @@ class DeepLabV2(nn.Module):
         self.batchnorm_mode = "train"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(self.backbone(x))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+        return self.forward_with_features(x)[1]
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the backbone's features at the output stride, logits at the input size)."""
+        features = self.backbone(x)
+        logits = self.classifier(features)
+        return features, F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
 
     def train(self, mode: bool = True) -> DeepLabV2:
         super().train(mode)

@@ -1,0 +1,66 @@
+"""Output-space adversarial warm-up (AdaptSegNet's, LSGAN), from a source-only model:
+cross-entropy on source batches, and a discriminator over the softmax maps that the
+student learns to fool on target batches."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline import distributed
+from pipeline.data import streams
+from pipeline.losses import adversarial_loss, cross_entropy, discriminator_loss
+from pipeline.methods.base import Method, uses_amp
+from pipeline.models.discriminator import OutputSpaceDiscriminator
+
+
+class Adversarial(Method):
+    needs = ("source", "target")
+    labelled = ("source",)
+
+    def __init__(self, cfg, student, device):
+        super().__init__(cfg, student, device)
+        self.discriminator = OutputSpaceDiscriminator(cfg.num_classes).to(device)
+        self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.discriminator_lr,
+                                            betas=(0.9, 0.99))
+        self.d_scaler = torch.amp.GradScaler("cuda", enabled=uses_amp(cfg))
+
+    def modules(self):
+        return {"discriminator": (self.discriminator, self.d_optimizer)}
+
+    def streams(self, start):
+        cfg = self.cfg
+        return {
+            "main": streams.batches(streams.labelled(cfg.source.samples()), cfg.source_crop_heights, cfg, start, 0),
+            "target": streams.batches(streams.unlabelled(cfg.target.samples()), cfg.target_crop_heights, cfg,
+                                      start, 1),
+        }
+
+    def step(self, batch, ctx):
+        cfg, discriminator = self.cfg, self.discriminator
+        x, y = batch["main"]
+        xt = batch["target"][0]
+        with ctx.autocast():
+            logits = self.model(x)
+            seg = cross_entropy(logits, y)
+        ctx.backward(seg)
+        # The second backward runs separately, as the released code does: the source
+        # graph is freed first, which halves the peak activation memory.
+        discriminator.requires_grad_(False)
+        with ctx.autocast():
+            target_logits = self.model(xt)
+            adv = adversarial_loss(discriminator(target_logits.float().softmax(1)))
+        ctx.backward(cfg.adversarial_weight * adv)
+        discriminator.requires_grad_(True)
+        self.d_optimizer.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            d_loss = discriminator_loss(
+                discriminator(logits.detach().float().softmax(1)),
+                discriminator(target_logits.detach().float().softmax(1)),
+            )
+        self.d_scaler.scale(d_loss).backward()
+        distributed.average_gradients(discriminator)  # not DDP-wrapped (see average_gradients)
+        self.d_scaler.step(self.d_optimizer)
+        self.d_scaler.update()
+        # train/loss: the generator's whole objective
+        return {"seg": seg, "adversarial": adv, "discriminator": d_loss,
+                "loss": seg + cfg.adversarial_weight * adv.detach()}
