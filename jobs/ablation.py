@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     warmup = warm_up(cfg, experiment_tracker(cfg))
     rows = []
     for name, variant in ablation_configs(cfg, warmup).items():
-        record = run_round(variant, 1, experiment_tracker(variant))
+        tracker = experiment_tracker(variant)
+        tracker.log_start(warmup.metrics)  # step 0 of the parent run's rounds/... curves
+        record = run_round(variant, 1, tracker)
         m = record.metrics
         rows.append((name, _percent(m.get("val/mIoU-19")), _percent(m.get("pseudo/coverage")),
                      _percent(m.get("pseudo/precision"))))

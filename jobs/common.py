@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zlib
 
 # Jobs run as scripts (`python jobs/x.py`, also under `ray job submit`): make the
 # repository importable without an install.
@@ -54,8 +55,38 @@ def init_ray() -> None:
         ray.init(num_cpus=max(4, os.cpu_count() or 1))  # its dashboard (127.0.0.1) serves Ray Train's state queries
 
 
+def method_name(cfg) -> str:
+    """What the experiment's rounds run, for the parent run's name and ``method`` tag: the
+    config's own method name when it has one, else IAST, HIAST (teacher-student consistency
+    or hard-class pasting), CBST or a constant threshold by the selector; a diagnostic
+    label source (true classes) is named too."""
+    st = cfg.self_training
+    named = getattr(st, "method", None) or getattr(cfg, "method", None)
+    if isinstance(named, str) and named:
+        return named
+    if st.consistency is not None or st.hard_classes > 0:
+        name = "HIAST"
+    else:
+        name = {"ias": "IAST", "cbst": "CBST", "constant": f"constant threshold {st.constant_threshold:g}"}[st.selector]
+    if st.label_values != "prediction":
+        name += f" ({st.label_values.replace('_', ' ')} labels)"
+    return name
+
+
+# Chart colours of the parent runs in MLflow, by method (from MLflow's own palette).
+METHOD_COLORS = {"IAST": "#2272b4", "HIAST": "#c83243", "CBST": "#308613", "STvM": "#de7921"}
+OTHER_COLORS = ("#8a63bf", "#04867d", "#b45091", "#a6630c", "#434a93", "#5f7281")
+
+
+def method_color(method: str) -> str:
+    """A fixed colour per method, so that two methods' curves differ in every comparison."""
+    base = method.split(" (")[0]
+    return METHOD_COLORS.get(base) or OTHER_COLORS[zlib.crc32(method.encode()) % len(OTHER_COLORS)]
+
+
 def experiment_tracker(cfg):
-    """The MLflow tracker of an experiment; the resolved config is logged on its parent run."""
+    """The MLflow tracker of an experiment; the resolved config is logged on its parent run,
+    named ``<experiment>: <method>, <R> rounds`` and tagged ``method`` and ``rounds``."""
     from pipeline import storage
     from pipeline.tracking import ExperimentTracker, default_tracking_uri
 
@@ -65,6 +96,10 @@ def experiment_tracker(cfg):
             raise SystemExit("config error: set tracking_uri (an MLflow server or sqlite:///local/path.db) "
                              "when output is not a local folder")
         uri = default_tracking_uri(cfg.output)
-    tracker = ExperimentTracker(uri, cfg.name)
+    method, rounds = method_name(cfg), len(cfg.self_training.rounds)
+    run_name = f"{cfg.name}: {method}, {rounds} round{'s' if rounds != 1 else ''}"
+    # old_run_name: stores from before this naming have their parent named after the experiment
+    tracker = ExperimentTracker(uri, cfg.name, run_name=run_name, tags={"method": method, "rounds": rounds},
+                                old_run_name=cfg.name, color=method_color(method))
     tracker.log_config(tracker.parent_run_id, config.to_dict(cfg))
     return tracker

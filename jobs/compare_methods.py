@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, list[list[dict]]] = {name: [] for name in METHODS}  # method -> seed -> round
     for (name, _seed), variant in method_configs(cfg, warmup, args.seeds).items():
         tracker = experiment_tracker(variant)
+        tracker.log_start(warmup.metrics)  # step 0 of the parent run's rounds/... curves
         metrics[name].append([run_round(variant, r, tracker).metrics for r in range(1, rounds + 1)])
     miou = {name: [[m["val/mIoU-19"] for m in runs] for runs in seeds] for name, seeds in metrics.items()}
     print(f"\nval mIoU-19 (%), mean ± sd over {args.seeds} seed(s), from the {warmup.stage} model"

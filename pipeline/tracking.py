@@ -18,7 +18,22 @@ its runs instead of creating duplicates):
       final_eval, oracle        final multi-scale evaluation; supervised upper bound
 
 Child runs carry ``mlflow.parentRunId`` (the UI nests them) and the tags ``stage``,
-``round``, ``status`` (running / finished / failed) and ``checkpoint_uri``.
+``round``, ``status`` (running / finished / failed) and ``checkpoint_uri``. The jobs name
+the parent ``<experiment>: <method>, <R> rounds`` and tag it ``method`` and ``rounds``.
+
+The parent run holds the experiment's summary, copied from its finished stage runs each
+time a round or end stage finishes (`ExperimentTracker.log_summary`), so that MLflow's
+chart view draws the rounds as a curve and its compare view overlays two experiments:
+
+    ==================================  ====================================================
+    ``rounds/val/mIoU-19``              at step r: round r's val mIoU-19; step 0: the
+                                        warm-up model the rounds start from
+    ``rounds/val/mIoU-16``, ``-13``     the same for the SYNTHIA protocol's classes
+    ``rounds/pseudo/precision``         at step r: round r's pseudo-label precision
+    ``rounds/pseudo/coverage``          at step r: round r's pseudo-label coverage
+    ``final/val/...``                   the final (multi-scale) evaluation's ``val/...``
+    ``oracle/val/...``                  the oracle's ``val/mIoU-19``, ``-16``, ``-13``
+    ==================================  ====================================================
 
 Metric names (stable; values are fractions in [0, 1], undefined values -- None or NaN,
 e.g. the IoU of a class absent from both prediction and ground truth -- are not logged):
@@ -93,7 +108,10 @@ WARMUP_STAGES = ("source_only", "adversarial")
 END_STAGES = ("final_eval", "oracle")
 PARENT_STAGE = "experiment"
 REDACTED = "***"
+RUN_COLOR = "mlflow.runColor"  # the tag MLflow's UI keeps a run's chart colour in
 VALIDATION_KEYS = {f"IoU/{name}" for name in CLASS_NAMES} | {"mIoU-19", "mIoU-16", "mIoU-13", "pixel_accuracy"}
+ROUND_SERIES = ("val/mIoU-19", "val/mIoU-16", "val/mIoU-13", "pseudo/precision", "pseudo/coverage")
+ORACLE_KEYS = ("val/mIoU-19", "val/mIoU-16", "val/mIoU-13")
 
 _SECRET_KEY = re.compile(r"(^|[._-])(key|secret|token|password|passwd|credentials?)s?($|[._-])", re.IGNORECASE)
 _USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
@@ -184,7 +202,12 @@ class ExperimentTracker:
     ``run_name`` identifies the parent run (default: the experiment name): a re-run with
     the same name re-uses it and its stage runs. ``artifact_location`` applies when the
     experiment is created; for a SQLite store it defaults to ``mlartifacts/`` beside the
-    database (MLflow's own default is the current directory).
+    database (MLflow's own default is the current directory). ``tags``: set on the parent
+    run (e.g. ``method``, ``rounds``). ``old_run_name``: a parent of that name, and none
+    named ``run_name``, is this experiment's run from before a renaming: it is taken over
+    and renamed (the jobs once named the parent after the experiment alone). ``color``
+    (``#rrggbb``): the parent's colour in MLflow's charts, set when it has none (the UI
+    lets users change it); MLflow's own pick can give two runs the same colour.
     """
 
     def __init__(
@@ -193,6 +216,9 @@ class ExperimentTracker:
         experiment: str,
         run_name: str | None = None,
         artifact_location: str | None = None,
+        tags: dict[str, Any] | None = None,
+        old_run_name: str | None = None,
+        color: str | None = None,
     ):
         if tracking_uri.startswith("sqlite:///"):
             db = tracking_uri[len("sqlite:///") :]
@@ -200,7 +226,11 @@ class ExperimentTracker:
             artifact_location = artifact_location or os.path.join(os.path.dirname(db), "mlartifacts")
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
+        self.experiment = experiment
         self.run_name = run_name or experiment
+        self.tags = {k: str(v) for k, v in (tags or {}).items()}
+        self.old_run_name = old_run_name
+        self.color = color
         found = self.client.get_experiment_by_name(experiment)
         if found is not None and found.lifecycle_stage == "deleted":
             raise ValueError(
@@ -211,6 +241,7 @@ class ExperimentTracker:
             found.experiment_id if found else self.client.create_experiment(experiment, artifact_location)
         )
         self._parent_id: str | None = None
+        self._stages: dict[str, str] = {}  # run id -> stage, of the stage runs opened here
 
     def _find(self, filter_string: str) -> str | None:
         runs = self.client.search_runs(
@@ -223,19 +254,30 @@ class ExperimentTracker:
         self.client.set_tag(run_id, "status", "running")
         return run_id
 
+    def _find_parent(self, run_name: str) -> str | None:
+        return self._find(f"tags.stage = '{PARENT_STAGE}' and attributes.run_name = '{_quote(run_name)}'")
+
     @property
     def parent_run_id(self) -> str:
-        """The experiment's parent run, created on first use and found again on a re-run."""
+        """The experiment's parent run, created on first use and found again on a re-run
+        (or under ``old_run_name``, then renamed)."""
         if self._parent_id is None:
-            found = self._find(
-                f"tags.stage = '{PARENT_STAGE}' and attributes.run_name = '{_quote(self.run_name)}'"
-            )
+            found = self._find_parent(self.run_name)
+            if not found and self.old_run_name and self.old_run_name != self.run_name:
+                found = self._find_parent(self.old_run_name)
+                if found:
+                    self.client.update_run(found, name=self.run_name)
             if found:
                 self._parent_id = self._resume(found)
             else:
                 tags = {"stage": PARENT_STAGE, "status": "running"}
                 run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name)
                 self._parent_id = run.info.run_id
+            tags = dict(self.tags)
+            if self.color and RUN_COLOR not in self.client.get_run(self._parent_id).data.tags:
+                tags[RUN_COLOR] = self.color
+            if tags:
+                self.set_tags(self._parent_id, **tags)
         return self._parent_id
 
     def stage_run(self, stage: str) -> str:
@@ -244,16 +286,24 @@ class ExperimentTracker:
         parent = self.parent_run_id
         found = self._find(f"tags.mlflow.parentRunId = '{parent}' and tags.stage = '{stage}'")
         if found:
-            return self._resume(found)
-        tags = {"mlflow.parentRunId": parent, "stage": stage, "status": "running"}
-        if _round_of(stage) is not None:
-            tags["round"] = _round_of(stage)
-        return self.client.create_run(self.experiment_id, tags=tags, run_name=stage).info.run_id
+            run_id = self._resume(found)
+        else:
+            tags = {"mlflow.parentRunId": parent, "stage": stage, "status": "running"}
+            if _round_of(stage) is not None:
+                tags["round"] = _round_of(stage)
+            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=stage).info.run_id
+        self._stages[run_id] = stage
+        return run_id
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        """Close a run: ``FINISHED``, ``FAILED`` or ``KILLED`` (also the ``status`` tag)."""
+        """Close a run: ``FINISHED``, ``FAILED`` or ``KILLED`` (also the ``status`` tag).
+        A finished round or end stage updates the parent's summary (`log_summary`); the
+        warm-up stages do not, as step 0 is the last of them, known once a round runs."""
         self.client.set_tag(run_id, "status", status.lower())
         self.client.set_terminated(run_id, status)
+        stage = self._stages.get(run_id)
+        if status == "FINISHED" and stage is not None and stage not in WARMUP_STAGES:
+            self.log_summary()
 
     # -- params and tags --------------------------------------------------------------------
 
@@ -343,6 +393,44 @@ class ExperimentTracker:
             },
         )
         self.log_files(run_id, manifest.get("previews", []), "previews")
+
+    # -- the parent's summary ---------------------------------------------------------------
+
+    def _log_new(self, run_id: str, points: dict[str, dict[int, float]]) -> None:
+        """Logs ``{key: {step: value}}`` except the points the run already holds (the
+        same value at the same step), so that calling it again adds nothing."""
+        timestamp, items = _now(), []
+        for key, series in points.items():
+            logged = {m.step: m.value for m in self.client.get_metric_history(run_id, key)} if series else {}
+            items += [Metric(key, float(v), timestamp, step) for step, v in sorted(series.items())
+                      if _defined(v) and not (step in logged and math.isclose(logged[step], v, rel_tol=1e-9))]
+        for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def log_start(self, metrics: dict[str, float]) -> None:
+        """Step 0 of the parent's ``rounds/...`` series when the rounds start from a model
+        trained elsewhere (no warm-up stage run in this experiment): its ``val/...`` metrics."""
+        self._log_new(self.parent_run_id, {f"rounds/{k}": {0: metrics[k]} for k in ROUND_SERIES if k in metrics})
+
+    def log_summary(self) -> None:
+        """Copies the finished stage runs' figures to the parent run: ``rounds/<metric>``
+        at step r (round r; step 0: the last warm-up stage), ``final/val/...`` (the final
+        evaluation) and ``oracle/val/...``. Calling it again adds nothing new."""
+        parent = self.parent_run_id
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'"
+        )
+        by_stage = {r.data.tags.get("stage"): r.data.metrics for r in runs}
+        steps = {int(_round_of(stage)): m for stage, m in by_stage.items() if _ROUND.fullmatch(str(stage))}
+        warmup = [stage for stage in WARMUP_STAGES if stage in by_stage]
+        if warmup:
+            steps[0] = by_stage[warmup[-1]]  # the model the rounds start from
+        points = {f"rounds/{k}": {step: m[k] for step, m in steps.items() if k in m} for k in ROUND_SERIES}
+        final = by_stage.get("final_eval", {})
+        points.update({f"final/{k}": {0: v} for k, v in final.items() if k.startswith("val/")})
+        oracle = by_stage.get("oracle", {})
+        points.update({f"oracle/{k}": {0: oracle[k]} for k in ORACLE_KEYS if k in oracle})
+        self._log_new(parent, points)
 
     # -- artifacts --------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -243,3 +244,108 @@ def test_comparison_table_reads_the_runs_from_mlflow(store, capsys):
     with pytest.raises(SystemExit):
         compare_rounds.main(["--tracking-uri", store["uri"], "--experiment", "nope"])
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_the_parent_run_holds_the_rounds_as_step_indexed_series_and_the_final_figures(store):
+    tracker = ExperimentTracker(store["uri"], "summary", run_name="summary: IAST, 3 rounds",
+                                tags={"method": "IAST", "rounds": 3}, color="#2272b4")
+    client = MlflowClient(store["uri"])
+    parent = tracker.parent_run_id
+    figures = {"source_only": 0.30, "adversarial": 0.34, "round_1": 0.38, "round_2": 0.41, "round_3": 0.40,
+               "final_eval": 0.42, "oracle": 0.65}
+    for stage, miou in figures.items():
+        run = tracker.stage_run(stage)
+        tracker.log_validation(run, {"mIoU-19": miou, "mIoU-16": miou + 0.01, "IoU/road": 0.8})
+        tracker.log_metrics(run, {"train/loss": 1.0}, step=5)
+        if stage.startswith("round_"):
+            r = int(stage.split("_")[1])
+            tracker.log_metrics(run, {"pseudo/precision": 0.9 - r / 100, "pseudo/coverage": 0.2 + r / 10})
+        tracker.finish(run)
+        if stage == "adversarial":  # the warm-up alone: step 0 is not known to be final yet
+            assert not client.get_run(parent).data.metrics
+    failed = tracker.stage_run("round_4")  # a failed stage adds no point
+    tracker.log_validation(failed, {"mIoU-19": 0.99})
+    tracker.finish(failed, "FAILED")
+
+    assert _history(client, parent, "rounds/val/mIoU-19") == [
+        (0, pytest.approx(0.34)), (1, pytest.approx(0.38)), (2, pytest.approx(0.41)), (3, pytest.approx(0.40))]
+    assert [s for s, _ in _history(client, parent, "rounds/val/mIoU-16")] == [0, 1, 2, 3]
+    assert _history(client, parent, "rounds/pseudo/precision") == [
+        (1, pytest.approx(0.89)), (2, pytest.approx(0.88)), (3, pytest.approx(0.87))]
+    assert _history(client, parent, "rounds/pseudo/coverage") == [
+        (1, pytest.approx(0.3)), (2, pytest.approx(0.4)), (3, pytest.approx(0.5))]
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["final/val/mIoU-19"] == pytest.approx(0.42) and metrics["final/val/IoU/road"] == pytest.approx(0.8)
+    assert metrics["oracle/val/mIoU-19"] == pytest.approx(0.65)
+    assert not any(k.startswith(("train/", "rounds/train")) for k in metrics)
+    before = {k: _history(client, parent, k) for k in metrics}
+    tracker.log_summary()  # a re-run (every stage skipped) logs it again: nothing new
+    ExperimentTracker(store["uri"], "summary", run_name="summary: IAST, 3 rounds").log_summary()
+    assert {k: _history(client, parent, k) for k in metrics} == before
+
+    run = client.get_run(parent)
+    assert run.info.run_name == "summary: IAST, 3 rounds"
+    assert run.data.tags["method"] == "IAST" and run.data.tags["rounds"] == "3"
+    assert run.data.tags["mlflow.runColor"] == "#2272b4"
+    client.set_tag(parent, "mlflow.runColor", "#000000")  # a colour chosen in the UI is kept
+    again = ExperimentTracker(store["uri"], "summary", run_name="summary: IAST, 3 rounds", color="#2272b4")
+    assert again.parent_run_id == parent and client.get_run(parent).data.tags["mlflow.runColor"] == "#000000"
+
+
+def test_rounds_from_a_model_trained_elsewhere_start_their_curve_at_the_given_figures(store):
+    tracker = ExperimentTracker(store["uri"], "summary-variant")
+    tracker.log_start({"val/mIoU-19": 0.34, "source_val/mIoU-19": 0.9, "pseudo/precision": None})
+    run = tracker.stage_run("round_1")
+    tracker.log_validation(run, {"mIoU-19": 0.37})
+    tracker.finish(run)
+    tracker.log_start({"val/mIoU-19": 0.34})  # again (a re-run): no second point
+    client = MlflowClient(store["uri"])
+    assert _history(client, tracker.parent_run_id, "rounds/val/mIoU-19") == [
+        (0, pytest.approx(0.34)), (1, pytest.approx(0.37))]
+    assert set(client.get_run(tracker.parent_run_id).data.metrics) == {"rounds/val/mIoU-19"}
+
+
+def test_a_parent_named_after_the_experiment_alone_is_taken_over_and_renamed(store):
+    old = ExperimentTracker(store["uri"], "legacy")  # stores written before the run names said the method
+    round_1 = old.stage_run("round_1")
+    seed_2 = ExperimentTracker(store["uri"], "legacy", run_name="legacy-seed2")
+    assert seed_2.parent_run_id != old.parent_run_id  # another run name: another parent
+    new = ExperimentTracker(store["uri"], "legacy", run_name="legacy: CBST, 2 rounds", tags={"method": "CBST"},
+                            old_run_name="legacy")
+    assert new.parent_run_id == old.parent_run_id and new.stage_run("round_1") == round_1
+    run = MlflowClient(store["uri"]).get_run(new.parent_run_id)
+    assert run.info.run_name == "legacy: CBST, 2 rounds" and run.data.tags["method"] == "CBST"
+    other = ExperimentTracker(store["uri"], "legacy", run_name="legacy: IAST, 2 rounds", old_run_name="legacy")
+    assert other.parent_run_id != new.parent_run_id  # a renamed parent is not taken over twice
+
+
+def test_the_jobs_name_and_tag_the_parent_run_by_method_and_rounds(tmp_path):
+    import common  # jobs/common.py
+
+    from pipeline import config
+    from pipeline.experiment import ConsistencyConfig, ExperimentConfig
+
+    cfg = config.load(ExperimentConfig, "configs/benchmark.yaml", [f"output={tmp_path / 'out'}"])
+    rounds = len(cfg.self_training.rounds)
+    assert common.method_name(cfg) == "IAST"
+    tracker = common.experiment_tracker(cfg)
+    run = MlflowClient(tracker.tracking_uri).get_run(tracker.parent_run_id)
+    assert run.info.run_name == f"benchmark: IAST, {rounds} rounds"
+    assert run.data.tags["method"] == "IAST" and run.data.tags["rounds"] == str(rounds)
+    assert run.data.params["self_training.selector"] == "ias"
+    assert run.data.tags["mlflow.runColor"] == common.method_color("IAST") != common.method_color("HIAST")
+
+    st = cfg.self_training
+    named = {
+        "HIAST": dataclasses.replace(st, consistency=ConsistencyConfig()),
+        "HIAST ": dataclasses.replace(st, hard_classes=14),
+        "CBST": dataclasses.replace(st, selector="cbst"),
+        "constant threshold 0.9": dataclasses.replace(st, selector="constant", constant_threshold=0.9),
+        "IAST (ground truth labels)": dataclasses.replace(st, label_values="ground_truth"),
+    }
+    for name, changed in named.items():
+        assert common.method_name(dataclasses.replace(cfg, self_training=changed)) == name.strip()
