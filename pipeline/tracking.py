@@ -409,8 +409,10 @@ class ExperimentTracker:
 
     def log_start(self, metrics: dict[str, float]) -> None:
         """Step 0 of the parent's ``rounds/...`` series when the rounds start from a model
-        trained elsewhere (no warm-up stage run in this experiment): its ``val/...`` metrics."""
+        trained elsewhere (no warm-up stage run in this experiment): its ``val/...`` metrics.
+        Then `log_summary`: a re-run whose rounds are all finished (skipped) has its points too."""
         self._log_new(self.parent_run_id, {f"rounds/{k}": {0: metrics[k]} for k in ROUND_SERIES if k in metrics})
+        self.log_summary()
 
     def log_summary(self) -> None:
         """Copies the finished stage runs' figures to the parent run: ``rounds/<metric>``

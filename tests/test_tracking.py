@@ -308,6 +308,16 @@ def test_rounds_from_a_model_trained_elsewhere_start_their_curve_at_the_given_fi
         (0, pytest.approx(0.34)), (1, pytest.approx(0.37))]
     assert set(client.get_run(tracker.parent_run_id).data.metrics) == {"rounds/val/mIoU-19"}
 
+    # A store from before the parent held the series: its round finished, the re-run skips it.
+    old = ExperimentTracker(store["uri"], "summary-old-store")
+    run = old.stage_run("round_1")
+    old.log_validation(run, {"mIoU-19": 0.37})
+    client.set_terminated(run, "FINISHED")  # as the earlier code finished it: no summary
+    assert not client.get_run(old.parent_run_id).data.metrics
+    ExperimentTracker(store["uri"], "summary-old-store").log_start({"val/mIoU-19": 0.34})
+    assert _history(client, old.parent_run_id, "rounds/val/mIoU-19") == [
+        (0, pytest.approx(0.34)), (1, pytest.approx(0.37))]
+
 
 def test_a_parent_named_after_the_experiment_alone_is_taken_over_and_renamed(store):
     old = ExperimentTracker(store["uri"], "legacy")  # stores written before the run names said the method
