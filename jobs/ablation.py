@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker = experiment_tracker(variant)
         tracker.log_start(warmup.metrics)  # step 0 of the parent run's rounds/... curves
         record = run_round(variant, 1, tracker)
+        tracker.finish(tracker.parent_run_id)
         m = record.metrics
         rows.append((name, _percent(m.get("val/mIoU-19")), _percent(m.get("pseudo/coverage")),
                      _percent(m.get("pseudo/precision"))))

@@ -1,6 +1,6 @@
 """MLflow's comparison of experiments' parent runs, as a headless browser sees it: the
-compare view of the runs, then the metric view it links to, which draws each run's
-``rounds/...`` series as a curve over the rounds.
+metric view that the compare view of the runs links each metric to, which draws each
+run's ``rounds/...`` series as a curve over the rounds.
 
     python jobs/mlflow_screenshot.py --out outputs/benchmark --experiments benchmark benchmark-ablation-cbst \\
         --to docs/mlflow_compare_rounds.png
@@ -133,6 +133,30 @@ def compare_url(base: str, runs: list[tuple[str, str, str]]) -> str:
     return f"{base}/#/compare-runs?{query}"
 
 
+def metric_url(base: str, runs: list[tuple[str, str, str]], metric: str) -> str:
+    """MLflow's metric view of ``metric`` for the runs, by step: the page the compare view
+    links each metric to (built here, as the compare view renders only its first rows)."""
+    query = urllib.parse.urlencode({
+        "runs": json.dumps([r for _, r, _ in runs]), "metric": json.dumps(metric),
+        "experiments": json.dumps(sorted({e for e, _, _ in runs})), "plot_metric_keys": json.dumps([metric]),
+        "plot_layout": "{}", "x_axis": "step", "y_axis_scale": "linear", "line_smoothness": 1,
+        "show_point": "true", "deselected_curves": "[]", "last_linear_y_axis_range": "[]",
+    })
+    return f"{base}/#/metric?{query}"
+
+
+def query(url: str) -> dict:
+    """The JSON-decoded parameters of an MLflow UI URL (after its ``#/page?``)."""
+    params = urllib.parse.parse_qs(url.split("?", 1)[1])
+    decoded = {}
+    for key, (value,) in params.items():
+        try:
+            decoded[key] = json.loads(value)
+        except ValueError:
+            decoded[key] = value
+    return decoded
+
+
 def metric_link(dom: str, metric: str) -> str:
     """The compare view's link to the metric view of ``metric`` (all compared runs, by step)."""
     quoted = urllib.parse.quote(json.dumps(metric), safe="")
@@ -151,12 +175,11 @@ def curves(dom: str) -> list[list[tuple[float, float]]]:
 
 
 def screenshot_comparison(out: str, experiments: list[str], to: str, metric: str = "rounds/val/mIoU-19") -> str:
-    """Opens the compare view of the experiments' parent runs, follows its link to the
-    metric view of ``metric`` and saves that page to ``to``; returns the metric view's DOM."""
+    """Saves MLflow's metric view of ``metric`` for the experiments' parent runs (what the
+    compare view of those runs links to) to ``to``; returns the page's DOM."""
     runs = parent_runs(default_tracking_uri(out), experiments)
     with tempfile.TemporaryDirectory() as tmp, mlflow_ui(out, os.path.join(tmp, "mlflow-ui.log")) as url:
-        dom = render(compare_url(url, runs), os.path.join(tmp, "compare.png"), os.path.join(tmp, "profile"))
-        return render(f"{url}/{metric_link(dom, metric)}", to, os.path.join(tmp, "profile"))
+        return render(metric_url(url, runs, metric), to, os.path.join(tmp, "profile"))
 
 
 def main(argv: list[str] | None = None) -> None:

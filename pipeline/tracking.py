@@ -31,7 +31,8 @@ chart view draws the rounds as a curve and its compare view overlays two experim
     ``rounds/val/mIoU-16``, ``-13``     the same for the SYNTHIA protocol's classes
     ``rounds/pseudo/precision``         at step r: round r's pseudo-label precision
     ``rounds/pseudo/coverage``          at step r: round r's pseudo-label coverage
-    ``final/val/...``                   the final (multi-scale) evaluation's ``val/...``
+    ``final/val/mIoU-19``, ...          the final (multi-scale) evaluation's ``val/mIoU-19``,
+                                        ``-16``, ``-13`` and ``val/pixel_accuracy``
     ``oracle/val/...``                  the oracle's ``val/mIoU-19``, ``-16``, ``-13``
     ==================================  ====================================================
 
@@ -112,6 +113,7 @@ RUN_COLOR = "mlflow.runColor"  # the tag MLflow's UI keeps a run's chart colour 
 VALIDATION_KEYS = {f"IoU/{name}" for name in CLASS_NAMES} | {"mIoU-19", "mIoU-16", "mIoU-13", "pixel_accuracy"}
 ROUND_SERIES = ("val/mIoU-19", "val/mIoU-16", "val/mIoU-13", "pseudo/precision", "pseudo/coverage")
 ORACLE_KEYS = ("val/mIoU-19", "val/mIoU-16", "val/mIoU-13")
+FINAL_KEYS = (*ORACLE_KEYS, "val/pixel_accuracy")  # per class: on the final_eval run
 
 _SECRET_KEY = re.compile(r"(^|[._-])(key|secret|token|password|passwd|credentials?)s?($|[._-])", re.IGNORECASE)
 _USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
@@ -417,7 +419,8 @@ class ExperimentTracker:
     def log_summary(self) -> None:
         """Copies the finished stage runs' figures to the parent run: ``rounds/<metric>``
         at step r (round r; step 0: the last warm-up stage), ``final/val/...`` (the final
-        evaluation) and ``oracle/val/...``. Calling it again adds nothing new."""
+        evaluation's mIoU and pixel accuracy) and ``oracle/val/...``. Calling it again adds
+        nothing new."""
         parent = self.parent_run_id
         runs = self.client.search_runs(
             [self.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'"
@@ -429,7 +432,7 @@ class ExperimentTracker:
             steps[0] = by_stage[warmup[-1]]  # the model the rounds start from
         points = {f"rounds/{k}": {step: m[k] for step, m in steps.items() if k in m} for k in ROUND_SERIES}
         final = by_stage.get("final_eval", {})
-        points.update({f"final/{k}": {0: v} for k, v in final.items() if k.startswith("val/")})
+        points.update({f"final/{k}": {0: final[k]} for k in FINAL_KEYS if k in final})
         oracle = by_stage.get("oracle", {})
         points.update({f"oracle/{k}": {0: oracle[k]} for k in ORACLE_KEYS if k in oracle})
         self._log_new(parent, points)

@@ -10,7 +10,9 @@ import urllib.parse
 
 import numpy as np
 import pytest
-from mlflow_screenshot import CHROMIUM, compare_url, curves, metric_link, mlflow_ui, parent_runs, render  # jobs/
+from mlflow_screenshot import (  # jobs/mlflow_screenshot.py
+    CHROMIUM, compare_url, curves, metric_link, metric_url, mlflow_ui, parent_runs, query, render,
+)
 from PIL import Image
 
 from pipeline.tracking import ExperimentTracker, default_tracking_uri
@@ -107,6 +109,10 @@ def test_mlflow_ui_compares_two_experiments_rounds_as_two_curves(browser, experi
     assert all(name in dom for name in names)
     link = metric_link(dom, "rounds/val/mIoU-19")  # ... links each metric to its curves
     assert all(run_id in urllib.parse.unquote(link) for _, run_id, _ in runs)
+    built = query(metric_url(mlflow_ui_url, runs, "rounds/val/mIoU-19"))  # what the screenshot job opens
+    linked = query(link)
+    assert {k: linked[k] for k in ("runs", "metric", "experiments", "x_axis")} == {
+        k: built[k] for k in ("runs", "metric", "experiments", "x_axis")}
 
     # ... where the parents' series are drawn over the rounds: one curve per run, 4 points each.
     screenshot = str(tmp_path / "mlflow_compare_rounds.png")
