@@ -26,7 +26,9 @@ def _percent(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ExperimentConfig, __doc__, argv)
     init_ray()
-    warmup = warm_up(cfg, experiment_tracker(cfg))
+    main = experiment_tracker(cfg)
+    warmup = warm_up(cfg, main)
+    main.finish(main.parent_run_id)  # re-opened to find (or train) the warm-up: closed again
     rows = []
     for name, variant in ablation_configs(cfg, warmup).items():
         tracker = experiment_tracker(variant)
