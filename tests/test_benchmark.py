@@ -15,6 +15,13 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "make_benchmark.py"
 VALID_IDS = {lab.id for lab in cityscapes_labels if lab.id >= 0}
 
 
+def _load(path) -> Image.Image:
+    """The image, read and its file closed (Image.open alone keeps the file open until then)."""
+    with Image.open(path) as image:
+        image.load()
+    return image
+
+
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -49,7 +56,7 @@ def test_layout_sizes_and_label_ids(tmp_path):
     assert "target/gtFine/val/munster/munster_000000_000002_gtFine_labelIds.png" in names
 
     for i in range(2):
-        image, label = (Image.open(p) for p in benchmark.source_paths(str(tmp_path), i))
+        image, label = (_load(p) for p in benchmark.source_paths(str(tmp_path), i))
         assert (image.mode, image.size) == ("RGB", benchmark.SOURCE_SIZE)
         assert (label.mode, label.size) == ("P", benchmark.SOURCE_SIZE)  # GTA5 ships palette PNGs
         ids = np.asarray(label)
@@ -57,7 +64,7 @@ def test_layout_sizes_and_label_ids(tmp_path):
         assert benchmark.EGO_VEHICLE not in ids
     for split in ("train", "val"):
         for i in range(3):
-            image, label = (Image.open(p) for p in benchmark.target_paths(str(tmp_path), split, i))
+            image, label = (_load(p) for p in benchmark.target_paths(str(tmp_path), split, i))
             assert (image.mode, image.size) == ("RGB", benchmark.TARGET_SIZE)
             assert (label.mode, label.size) == ("L", benchmark.TARGET_SIZE)
             ids = np.asarray(label)
@@ -157,7 +164,7 @@ def test_held_out_source_frames_are_new_frames_in_the_gta5_layout(tmp_path):
     train_images = {a[k] for k in a if k.startswith("source/images/")}
     assert all(a[f"source_val/images/0000{i}.png"] not in train_images for i in (1, 2))
     for i in range(2):
-        image, label = (Image.open(p) for p in benchmark.source_paths(str(tmp_path / "a"), i, "source_val"))
+        image, label = (_load(p) for p in benchmark.source_paths(str(tmp_path / "a"), i, "source_val"))
         assert (image.mode, image.size) == ("RGB", benchmark.SOURCE_SIZE)
         assert (label.mode, label.size) == ("P", benchmark.SOURCE_SIZE)
         ids = np.asarray(label)
