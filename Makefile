@@ -17,7 +17,8 @@ export RAY_ADDRESS
 endif
 
 .PHONY: install system-packages test test-slow demo benchmark-data ablation compare-methods bench mlflow-ui clean \
-        prepare-gta5 prepare-synthia prepare-cityscapes reproduce-gta5 reproduce-synthia
+        prepare-gta5 prepare-synthia prepare-cityscapes reproduce-gta5 reproduce-synthia \
+        reproduce-gta5-stvm reproduce-synthia-stvm
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo ">> installing into $(VENV)/ (torch CPU, Ray, MLflow, ...; ~2 min on a fresh machine)"
@@ -105,6 +106,17 @@ reproduce-synthia: $(STAMP)
 	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
 	$(PY) jobs/run_experiment.py --config configs/synthia_cityscapes.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
 		data.source.root=$(SYNTHIA) data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
+
+# Source-free STvM from a finished source-only checkpoint (e.g. reproduce-gta5's).
+reproduce-gta5-stvm: $(STAMP)
+	@test -n "$(strip $(SOURCE_MODEL))" || (echo "give the source-only checkpoint: make $@ SOURCE_MODEL=/path/checkpoint.pt"; exit 2)
+	$(PY) jobs/run_experiment.py --config configs/gta5_cityscapes_stvm.yaml model.init=$(strip $(SOURCE_MODEL)) \
+		data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
+
+reproduce-synthia-stvm: $(STAMP)
+	@test -n "$(strip $(SOURCE_MODEL))" || (echo "give the source-only checkpoint: make $@ SOURCE_MODEL=/path/checkpoint.pt"; exit 2)
+	$(PY) jobs/run_experiment.py --config configs/synthia_cityscapes_stvm.yaml model.init=$(strip $(SOURCE_MODEL)) \
+		data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
 
 clean:
 	rm -rf $(strip $(OUT)) .pytest_cache

@@ -64,6 +64,8 @@ def method_name(cfg) -> str:
     named = getattr(st, "method", None) or getattr(cfg, "method", None)
     if isinstance(named, str) and named:
         return named
+    if cfg.source_free:
+        return "STvM"
     if st.consistency is not None or st.hard_classes > 0:
         name = "HIAST"
     else:
@@ -97,7 +99,10 @@ def experiment_tracker(cfg):
                              "when output is not a local folder")
         uri = default_tracking_uri(cfg.output)
     method, rounds = method_name(cfg), len(cfg.self_training.rounds)
-    run_name = f"{cfg.name}: {method}, {rounds} round{'s' if rounds != 1 else ''}"
+    if cfg.source_free:
+        run_name = f"{cfg.name}: {method}, {cfg.stvm.iterations} steps, source-free"
+    else:
+        run_name = f"{cfg.name}: {method}, {rounds} round{'s' if rounds != 1 else ''}"
     # old_run_name: stores from before this naming have their parent named after the experiment
     tracker = ExperimentTracker(uri, cfg.name, run_name=run_name, tags={"method": method, "rounds": rounds},
                                 old_run_name=cfg.name, color=method_color(method))

@@ -51,8 +51,13 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     needs rank 0's."""
     if not is_distributed():
         return
-    for buffer in module.buffers():
-        dist.broadcast(buffer, src)
+    buffers = [b for b in module.buffers() if b.numel()]
+    for dtype in {b.dtype for b in buffers}:  # one collective per dtype, not one per buffer
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.broadcast(flat, src)
+        for b, value in zip(group, flat.split([b.numel() for b in group])):
+            b.copy_(value.view_as(b))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,7 +1,8 @@
 """The experiment configuration: one YAML file describes a whole IAST reproduction.
 
-Warm-up (source-only, optionally adversarial) -> self-training rounds 1..R -> final
-(multi-scale) evaluation, plus an optional oracle. This module turns it into the
+Warm-up (source-only, optionally adversarial) -> self-training rounds 1..R (IAST, CBST,
+HIAST), or one source-free STvM stage -> final (multi-scale) evaluation, plus an optional
+oracle. This module turns it into the
 configurations of the individual stages (pipeline.train.TrainConfig,
 pipeline.pseudo_label.PseudoLabelConfig) and says where every output lives.
 
@@ -16,12 +17,14 @@ Layout under ``output`` (a local folder or s3:// prefix)::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline import storage
 from pipeline.data.datasets import DataConfig
 from pipeline.labels import NUM_CLASSES
+from pipeline.methods import STvMConfig
 from pipeline.pseudo_label import PseudoLabelConfig, SelectorConfig
 from pipeline.train import TrainConfig
 
@@ -43,11 +46,13 @@ class ModelConfig:
         self.init = storage.absolute(self.init)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataSection:
-    source: DataConfig
     target: DataConfig  # unlabelled target train split
     val: DataConfig  # labelled target val split
+    # Labelled source frames; not needed by a source-free experiment (stvm) that starts
+    # from model.init.
+    source: DataConfig | None = None
     # Labelled source frames the source model never trains on: its accuracy there tells a
     # model that fits its own domain from one that has not learnt it (the built-in
     # benchmark's precondition P1). Optional; evaluated after source-only.
@@ -109,8 +114,8 @@ class ConsistencyConfig:
 
 @dataclass
 class SelfTrainingConfig:
-    rounds: list[RoundConfig]
-    iterations: int  # per round
+    rounds: list[RoundConfig] = field(default_factory=list)  # empty: no rounds (an stvm experiment)
+    iterations: int = 0  # per round
     batch_size: int = 8
     batchnorm: Literal["train", "frozen_affine", "frozen"] = "train"
     selector: Literal["ias", "cbst", "constant"] = "ias"
@@ -148,6 +153,23 @@ class SelfTrainingConfig:
 
 
 @dataclass
+class STvMStageConfig(STvMConfig):
+    """Source-free adaptation after the warm-up, in place of the rounds (reference §10;
+    docs/methods.md): the STvM settings (pipeline.methods.stvm.STvMConfig) and the stage's
+    schedule. It reads the warm-up's weights and the target images only."""
+
+    iterations: int = 0  # 0: no STvM stage
+    lr: float = 1e-4
+    batch_size: int = 8
+    batchnorm: Literal["train", "frozen_affine", "frozen"] = "train"
+    backbone_lr_mult: float | None = None  # None: model.backbone_lr_mult
+    checkpoint_every: int = 1000
+
+    def settings(self) -> STvMConfig:
+        return STvMConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(STvMConfig)})
+
+
+@dataclass
 class EvalConfig:
     sizes: tuple[tuple[int, int], ...] = ()  # final multi-scale evaluation; () = label size
     flip: bool = False
@@ -158,7 +180,8 @@ class ExperimentConfig:
     name: str
     output: str
     data: DataSection
-    self_training: SelfTrainingConfig
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    stvm: STvMStageConfig = field(default_factory=STvMStageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     source_only: StageConfig = field(default_factory=StageConfig)
     adversarial: StageConfig = field(default_factory=StageConfig)
@@ -175,8 +198,24 @@ class ExperimentConfig:
 
     def __post_init__(self):
         self.output = storage.absolute(storage.check_uri(self.output))
-        if not self.self_training.rounds:
-            raise ValueError("self_training.rounds is empty: give at least one round")
+        if self.stvm.iterations > 0 and self.self_training.rounds:
+            raise ValueError("self_training.rounds and stvm.iterations are both set: an experiment adapts "
+                             "either with rounds of pseudo-labels or with source-free STvM; give one")
+        if self.stvm.iterations == 0 and not self.self_training.rounds:
+            raise ValueError("no adaptation configured: give self_training.rounds (IAST, CBST, HIAST), or "
+                             "stvm.iterations (source-free STvM)")
+        if self.data.source is None and (self.source_only.iterations or self.adversarial.iterations):
+            raise ValueError("data.source is empty, but source_only or adversarial is set to train on it: give "
+                             "data.source, or start from model.init with source_only.iterations 0")
+
+    @property
+    def source_free(self) -> bool:
+        return self.stvm.iterations > 0
+
+    @property
+    def adaptation_stage(self) -> str:
+        """The stage whose model the final evaluation reports: the last round, or stvm."""
+        return "stvm" if self.source_free else f"round_{len(self.self_training.rounds)}"
 
     def check(self) -> None:
         """Fail in seconds, not hours: every stage's settings valid, every dataset prepared
@@ -184,7 +223,7 @@ class ExperimentConfig:
         self.check_stages()
         for key in ("source", "target", "val", "source_val"):
             data = getattr(self.data, key)
-            if data is None:  # only source_val is optional
+            if data is None:  # source (source-free) and source_val are optional
                 continue
             samples = data.samples()  # raises with the prepare command when the list is missing
             if not samples:
@@ -218,6 +257,8 @@ class ExperimentConfig:
         for r in range(1, len(self.self_training.rounds) + 1):
             build(f"round_{r}", self.round_label_config, r, None)
             build(f"round_{r}", self.round_train_config, r, None)
+        if self.source_free:
+            build("stvm", self.stvm_train_config, None)
 
     # -- where things live ------------------------------------------------------------
     def stage_record(self, stage: str) -> str:
@@ -276,6 +317,13 @@ class ExperimentConfig:
             st.checkpoint_every, init=init, label_store=self.label_store(round_index),
             confident_weight=st.confident_weight, ignored_weight=st.ignored_weight,
             backbone_lr_mult=st.backbone_lr_mult, **hiast,
+        )
+
+    def stvm_train_config(self, init: str) -> TrainConfig:
+        s = self.stvm
+        return self._train(
+            "stvm", "stvm", s.iterations, s.lr, s.batch_size, s.batchnorm, s.checkpoint_every, init=init,
+            target=self.data.target, backbone_lr_mult=s.backbone_lr_mult, stvm=s.settings(),
         )
 
     def round_label_config(self, round_index: int, generator: str) -> PseudoLabelConfig:

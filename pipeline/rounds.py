@@ -42,7 +42,8 @@ class StageRecord:
 
 
 def _data_fingerprints(cfg: ExperimentConfig) -> dict:
-    return {key: getattr(cfg.data, key).fingerprint() for key in ("source", "target", "val")}
+    return {key: getattr(cfg.data, key).fingerprint() for key in ("source", "target", "val")
+            if getattr(cfg.data, key) is not None}
 
 
 def read_record(cfg: ExperimentConfig, stage: str) -> StageRecord | None:
@@ -53,7 +54,8 @@ def read_record(cfg: ExperimentConfig, stage: str) -> StageRecord | None:
     if not storage.exists(uri):
         return None
     record = StageRecord(**json.loads(storage.read_bytes(uri)))
-    changed = [key for key, fingerprint in record.data.items() if getattr(cfg.data, key).fingerprint() != fingerprint]
+    changed = [key for key, fingerprint in record.data.items()
+               if getattr(cfg.data, key) is not None and getattr(cfg.data, key).fingerprint() != fingerprint]
     if changed:
         splits = ", ".join(f"data.{key} ({getattr(cfg.data, key).root})" for key in changed)
         raise RuntimeError(
@@ -75,6 +77,12 @@ def _val_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k.startswith("val/") and v is not None and math.isfinite(v)}
 
 
+def _stage_metrics(metrics: dict) -> dict:
+    """What a stage's record keeps: its validation, and a method's stage-level ``stvm/...``."""
+    kept = {k: v for k, v in metrics.items() if k.startswith("stvm/") and v is not None and math.isfinite(v)}
+    return {**_val_metrics(metrics), **kept}
+
+
 # -- stages ---------------------------------------------------------------------------------
 
 
@@ -85,7 +93,7 @@ def _train_tracked(cfg: ExperimentConfig, stage: str, run_id: str, tracker: Expe
     if metrics:
         tracker.log_validation(run_id, metrics, step=train_cfg.iterations)
     tracker.set_tags(run_id, checkpoint_uri=result.checkpoint)
-    return StageRecord(stage, result.checkpoint, metrics)
+    return StageRecord(stage, result.checkpoint, _stage_metrics(result.metrics))
 
 
 def run_training_stage(cfg: ExperimentConfig, stage: str, tracker: ExperimentTracker, init: str | None) -> StageRecord:
@@ -197,6 +205,24 @@ def run_round(cfg: ExperimentConfig, round_index: int, tracker: ExperimentTracke
     return _write_record(cfg, record)
 
 
+def run_source_free(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRecord:
+    """STvM from the warm-up's weights on the target images only (idempotent)."""
+    record = read_record(cfg, "stvm")
+    if record is not None:
+        return record
+    warmup = warmup_record(cfg)
+    if warmup is None:
+        raise RuntimeError("stvm starts from the warm-up, which has not finished: run the stages in order with "
+                           "jobs/run_experiment.py (finished stages are skipped)")
+    train_cfg = cfg.stvm_train_config(warmup.checkpoint)
+    run_id = tracker.stage_run("stvm")
+    tracker.log_config(run_id, config_lib.to_dict(train_cfg))
+    record = _train_tracked(cfg, "stvm", run_id, tracker, train_cfg)
+    record.lineage = {"init": warmup.checkpoint}
+    tracker.finish(run_id)
+    return _write_record(cfg, record)
+
+
 @ray.remote
 def _evaluate_shard(arch: str, num_classes: int, checkpoint: str, samples: list[Sample],
                     sizes: tuple, flip: bool) -> np.ndarray:
@@ -246,7 +272,7 @@ def preconditions(records: list[StageRecord], key: str = "mIoU-19") -> str:
     held_out = by_stage.get("source_only", {}).get(f"source_val/{key}")
     source = by_stage.get("source_only", {}).get(f"val/{key}")
     oracle = by_stage.get("oracle", {}).get(f"val/{key}")
-    rounds = [r for r in records if r.stage.startswith("round_")]
+    rounds = [r for r in records if r.stage.startswith("round_") or r.stage == "stvm"]
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
@@ -273,9 +299,10 @@ def run_final_eval(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRe
     record = read_record(cfg, "final_eval")
     if record is not None:
         return record
-    last = read_record(cfg, f"round_{len(cfg.self_training.rounds)}")
+    last = read_record(cfg, cfg.adaptation_stage)
     if last is None:
-        raise RuntimeError("the final evaluation needs the last round to be finished: run jobs/run_experiment.py")
+        raise RuntimeError(f"the final evaluation needs {cfg.adaptation_stage} to be finished: run "
+                           "jobs/run_experiment.py")
     run_id = tracker.stage_run("final_eval")
     tracker.log_config(run_id, {"checkpoint": last.checkpoint, "sizes": [list(x) for x in cfg.final_eval.sizes],
                                 "flip": cfg.final_eval.flip})
@@ -336,7 +363,7 @@ def _log_stages_figure(cfg: ExperimentConfig, tracker: ExperimentTracker, record
 
 def run_experiment(cfg: ExperimentConfig, tracker: ExperimentTracker, until: str | None = None) -> list[StageRecord]:
     """The whole chain in order; finished stages are skipped. Returns the records in order
-    (warm-up stages, rounds, final evaluation, oracle). ``until``: stop after "warmup" or
+    (warm-up stages, rounds or stvm, final evaluation, oracle). ``until``: stop after "warmup" or
     after "round_<r>" (the oracle then does not run either)."""
     rounds = len(cfg.self_training.rounds)
     last_round = {"warmup": 0, None: rounds, **{f"round_{r}": r for r in range(1, rounds + 1)}}
@@ -346,6 +373,8 @@ def run_experiment(cfg: ExperimentConfig, tracker: ExperimentTracker, until: str
     records = run_warmup(cfg, tracker)
     for r in range(1, last_round[until] + 1):
         records.append(run_round(cfg, r, tracker))
+    if cfg.source_free and until is None:
+        records.append(run_source_free(cfg, tracker))
     if until is None:
         records.append(run_final_eval(cfg, tracker))
         if cfg.oracle.iterations > 0:
@@ -403,14 +432,30 @@ METHODS = {
     "HIAST: EMA teacher, strong views, consistency": {"consistency": ConsistencyConfig(), "hard_classes": 0},
     "HIAST: + hard-class paste": {"consistency": ConsistencyConfig(), "hard_classes": 14},
 }
+# Source-free, with the config's stvm settings, for as many steps as all the rounds together.
+SOURCE_FREE = "STvM (source-free)"
+
+
+def _source_free_from_warmup(cfg: ExperimentConfig, warmup: StageRecord, tag: str, folder: str,
+                             seed: int) -> ExperimentConfig:
+    variant = _from_warmup(cfg, warmup, tag, folder, len(cfg.self_training.rounds), seed, {})
+    steps = len(cfg.self_training.rounds) * cfg.self_training.iterations
+    return dataclasses.replace(variant, self_training=dataclasses.replace(variant.self_training, rounds=[]),
+                               stvm=dataclasses.replace(cfg.stvm, iterations=steps))
 
 
 def method_configs(cfg: ExperimentConfig, warmup: StageRecord, seeds: int) -> dict[tuple[str, int], ExperimentConfig]:
-    """Every round of ``cfg`` under IAST's and HIAST's training, from one warm-up model, with
-    ``seeds`` seeds each (cfg.seed, cfg.seed + 1, ...: sample order and augmentation), keyed
-    by (method, seed). Self-training's spread from seed to seed is a point or more on the
-    benchmark, so one run per method cannot tell them apart."""
-    return {(name, seed): _from_warmup(cfg, warmup, f"{_slug(name)}-seed{seed}",
-                                       f"methods/{_slug(name)}_seed{seed}", len(cfg.self_training.rounds),
-                                       seed, changes)
-            for name, changes in METHODS.items() for seed in range(cfg.seed, cfg.seed + seeds)}
+    """Every round of ``cfg`` under IAST's and HIAST's training, and STvM for as many steps
+    as the rounds together, from one warm-up model, with ``seeds`` seeds each (cfg.seed,
+    cfg.seed + 1, ...: sample order and augmentation), keyed by (method, seed).
+    Self-training's spread from seed to seed is a point or more on the benchmark, so one
+    run per method cannot tell them apart."""
+    configs = {}
+    for seed in range(cfg.seed, cfg.seed + seeds):
+        for name, changes in METHODS.items():
+            configs[name, seed] = _from_warmup(cfg, warmup, f"{_slug(name)}-seed{seed}",
+                                               f"methods/{_slug(name)}_seed{seed}", len(cfg.self_training.rounds),
+                                               seed, changes)
+        configs[SOURCE_FREE, seed] = _source_free_from_warmup(cfg, warmup, f"stvm-seed{seed}",
+                                                              f"methods/stvm_seed{seed}", seed)
+    return configs

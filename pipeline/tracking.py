@@ -107,6 +107,7 @@ from pipeline.labels import CLASS_NAMES, PALETTE
 
 WARMUP_STAGES = ("source_only", "adversarial")
 END_STAGES = ("final_eval", "oracle")
+SOURCE_FREE_STAGE = "stvm"  # in place of the rounds; step 1 of the parent's rounds/... series
 PARENT_STAGE = "experiment"
 REDACTED = "***"
 RUN_COLOR = "mlflow.runColor"  # the tag MLflow's UI keeps a run's chart colour in
@@ -153,10 +154,10 @@ def scrub_config(data: Any) -> Any:
 
 
 def check_stage(stage: str) -> str:
-    if stage in WARMUP_STAGES or stage in END_STAGES or _ROUND.fullmatch(stage):
+    if stage in WARMUP_STAGES or stage in END_STAGES or stage == SOURCE_FREE_STAGE or _ROUND.fullmatch(stage):
         return stage
     raise ValueError(
-        f"unknown stage {stage!r}: use one of {', '.join(WARMUP_STAGES)}, round_<r> (r >= 1), "
+        f"unknown stage {stage!r}: use one of {', '.join(WARMUP_STAGES)}, round_<r> (r >= 1), {SOURCE_FREE_STAGE}, "
         f"{', '.join(END_STAGES)}"
     )
 
@@ -167,6 +168,8 @@ def stage_order(stage: str) -> tuple[int, int]:
         return 0, WARMUP_STAGES.index(stage)
     if stage in END_STAGES:
         return 2, END_STAGES.index(stage)
+    if stage == SOURCE_FREE_STAGE:
+        return 1, 1
     return 1, int(check_stage(stage).split("_")[1])
 
 
@@ -427,6 +430,8 @@ class ExperimentTracker:
         )
         by_stage = {r.data.tags.get("stage"): r.data.metrics for r in runs}
         steps = {int(_round_of(stage)): m for stage, m in by_stage.items() if _ROUND.fullmatch(str(stage))}
+        if SOURCE_FREE_STAGE in by_stage:
+            steps[1] = by_stage[SOURCE_FREE_STAGE]
         warmup = [stage for stage in WARMUP_STAGES if stage in by_stage]
         if warmup:
             steps[0] = by_stage[warmup[-1]]  # the model the rounds start from

@@ -326,9 +326,10 @@ def evaluate_shard(model, samples: list[Sample], cfg: TrainConfig, device) -> Co
 # -- the loop ---------------------------------------------------------------------------------
 
 
-def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
+def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] | None = None) -> dict:
     """Train (or resume) one stage with its method; returns the final metrics. ``on_step``:
-    a callable(step, student) run after every step (the tests inject faults with it)."""
+    a callable(step, method) run after every step (``method.student``, and the modules it
+    declares; the tests inject faults with it)."""
     torch.manual_seed(cfg.seed)
     device = session.device()
     if not cfg.use_gpu:
@@ -373,7 +374,7 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, torch.nn.Module
         sums["_n"] = sums.get("_n", 0) + 1
 
         if on_step is not None:
-            on_step(step, student)
+            on_step(step, method)
         is_last = step == cfg.iterations
         metrics = None
         if step % cfg.log_every == 0 or is_last:
@@ -425,7 +426,7 @@ class TrainResult:
 
 def fit(
     cfg: TrainConfig,
-    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    on_step: Callable[[int, Method], None] | None = None,
     callbacks: list = (),
 ) -> TrainResult:
     """Run (or resume) one training stage on the current Ray cluster. ``callbacks`` see
@@ -458,7 +459,7 @@ def fit(
     return TrainResult(checkpoint=storage.join(uri, CHECKPOINT_FILE), metrics=dict(result.metrics or {}))
 
 
-def fit_local(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
+def fit_local(cfg: TrainConfig, on_step: Callable[[int, Method], None] | None = None) -> TrainResult:
     """Run (or resume) one training stage in this process, without Ray (CPU or GPU): for
     tests, GPU checks and single-machine debugging. Checkpoints go to
     ``<storage>/<name>/checkpoint_<step>/``, as a re-run with the same name resumes."""

@@ -103,6 +103,45 @@ def test_chain_is_tracked_and_a_rerun_does_no_work(ray_cluster, benchmark_data, 
     assert "no finished stage round_7" in capsys.readouterr().err
 
 
+def test_a_source_free_chain_runs_stvm_from_the_given_model_without_source_data(ray_cluster, benchmark_data,
+                                                                                small_checkpoint, tmp_path):
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{
+        "data.source": None, "model.init": small_checkpoint, "source_only.iterations": 0,
+        "self_training.rounds": [],
+        "stvm": {"iterations": 2, "batch_size": 2, "checkpoint_every": 2, "metric_pixels": 64}})
+    tracker = _tracker(cfg)
+    records = run_experiment(cfg, tracker)
+    assert [r.stage for r in records] == ["stvm", "final_eval"]
+    assert records[0].lineage == {"init": small_checkpoint} and records[1].lineage == {"evaluated": "stvm"}
+    assert records[1].checkpoint == records[0].checkpoint and "val/mIoU-19" in records[1].metrics
+    assert "stvm/teacher_precision" in records[0].metrics
+    runs = {r.data.tags["stage"]: r for r in tracker.client.search_runs([tracker.experiment_id])
+            if "stage" in r.data.tags}
+    assert runs["stvm"].data.metrics["train/reliability"] > 0
+    parent = tracker.client.get_run(tracker.parent_run_id).data.metrics
+    assert "rounds/val/mIoU-19" in parent  # step 1 of the parent's curve
+    assert run_experiment(cfg, tracker)[0].checkpoint == records[0].checkpoint  # finished: not run again
+
+
+def test_an_experiment_adapts_with_rounds_or_stvm_not_both(benchmark_data, tmp_path):
+    with pytest.raises(ValueError, match="both set"):
+        tiny_experiment(benchmark_data, tmp_path, **{"stvm": {"iterations": 2}})
+    with pytest.raises(ValueError, match="no adaptation configured"):
+        tiny_experiment(benchmark_data, tmp_path, **{"self_training.rounds": []})
+    with pytest.raises(ValueError, match="data.source is empty"):
+        tiny_experiment(benchmark_data, tmp_path, **{"data.source": None, "self_training.rounds": [],
+                                                    "stvm": {"iterations": 2}})
+    with pytest.raises(ValueError, match="stvm.proxy_scale"):
+        tiny_experiment(benchmark_data, tmp_path, **{"self_training.rounds": [],
+                                                    "stvm": {"iterations": 2, "proxy_scale": 0}})
+    for path in ("configs/gta5_cityscapes_stvm.yaml", "configs/synthia_cityscapes_stvm.yaml"):
+        cfg = config.load(ExperimentConfig, path, [f"output={tmp_path / 'o'}", "model.init=/w/source.pt"])
+        train = cfg.stvm_train_config("/w/source.pt")
+        assert cfg.source_free and cfg.data.source is None and train.stage == "stvm"
+        assert train.init == "/w/source.pt" and train.source is None and train.label_store is None
+        assert train.stvm.teacher_momentum == cfg.stvm.teacher_momentum and train.iterations == cfg.stvm.iterations
+
+
 def test_round_resumes_from_a_complete_label_store_without_relabelling(ray_cluster, benchmark_data, tmp_path):
     cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{"self_training.rounds": [
         {"alpha": 0.2, "lr": 1e-4, "pseudo_label_size": [128, 64]}]})
@@ -185,12 +224,18 @@ def test_ablation_has_the_true_class_upper_bound_and_the_setting_is_checked(benc
 
 
 def test_method_configs_differ_only_in_hiast_settings_and_seed(benchmark_data, tmp_path):
-    from pipeline.rounds import METHODS, StageRecord, method_configs
+    from pipeline.rounds import METHODS, SOURCE_FREE, StageRecord, method_configs
 
     cfg = tiny_experiment(benchmark_data, tmp_path / "out")
     variants = method_configs(cfg, StageRecord("source_only", str(tmp_path / "w.pt"), {}), seeds=2)
-    assert sorted(variants) == sorted((m, s) for m in METHODS for s in (cfg.seed, cfg.seed + 1))
-    assert len({v.output for v in variants.values()}) == len({v.name for v in variants.values()}) == 6
+    assert sorted(variants) == sorted((m, s) for m in [*METHODS, SOURCE_FREE] for s in (cfg.seed, cfg.seed + 1))
+    assert len({v.output for v in variants.values()}) == len({v.name for v in variants.values()}) == 8
+    for seed in (cfg.seed, cfg.seed + 1):  # STvM: one source-free stage as long as all the rounds
+        stvm = variants.pop((SOURCE_FREE, seed))
+        assert stvm.source_free and not stvm.self_training.rounds and stvm.seed == seed
+        assert stvm.stvm.iterations == len(cfg.self_training.rounds) * cfg.self_training.iterations
+        train = stvm.stvm_train_config(str(tmp_path / "w.pt"))
+        assert train.stage == "stvm" and train.source is None and train.label_store is None
     for (method, seed), variant in variants.items():
         train = variant.round_train_config(2, "r1.pt")  # every round is kept
         assert variant.seed == train.seed == seed and variant.model.init == str(tmp_path / "w.pt")
@@ -212,6 +257,9 @@ def test_compare_methods_job_trains_each_method_and_prints_the_table(ray_cluster
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| IAST") or line.startswith("| HIAST")]
     assert len(rows) == 6 and all(len(row.split("|")) == 5 for row in rows[:3])  # method, round 1, gain
+    stvm = [line for line in out.splitlines() if line.startswith("| STvM")]
+    assert len(stvm) == 1 and float(stvm[0].split("|")[2].strip()) > 0  # under the last (here the only) round
+    assert "STvM's teacher labels" in out
     precision_coverage = [row.split("|")[2].split("/") for row in rows[3:]]  # method, round 1's "p / c"
     assert all(0 <= float(p) <= 100 and 0 <= float(c) <= 100 for p, c in precision_coverage)
     client = MlflowClient(default_tracking_uri(cfg.output))

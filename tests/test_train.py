@@ -28,8 +28,8 @@ def _cfg(tmp_path, benchmark_data, **kw):
 
 def _record(folder):
     """A per-step hook: each worker appends (step, parameter digest) to its own file."""
-    def hook(step, model):
-        digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+    def hook(step, method):
+        digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in method.student.parameters())).hexdigest()
         rank = ray.train.get_context().get_world_rank()
         with open(os.path.join(folder, f"rank{rank}.log"), "a") as f:
             f.write(f"{step} {digest}\n")

@@ -141,7 +141,10 @@ class RandomSizedCrop:
         return self._resize_image(image), self._resize_label(label)
 
     def _resize_image(self, image: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        # a crop of a cached (read-only) frame is copied: torch warns on read-only arrays
+        if not (image.flags.writeable and image.flags.c_contiguous):
+            image = np.array(image)
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
         x = F.interpolate(x, size=self.output_size, mode="bilinear", align_corners=False)
         return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 

@@ -23,7 +23,7 @@ from pipeline.label_store import LabelStore
 from pipeline.labels import IGNORE_INDEX
 from pipeline.losses import consistency_loss, region_guided_loss
 from pipeline.methods.base import Method
-from pipeline.methods.teacher import ema_update, make_teacher
+from pipeline.methods.teacher import make_teacher, update_teacher
 
 
 class IAST(Method):
@@ -93,4 +93,4 @@ class HIAST(IAST):
         return {**terms, "consistency": consistency, "loss": loss}
 
     def after_step(self, step):
-        ema_update(self.teacher, self.student, self.cfg.teacher_momentum)
+        update_teacher(self.teacher, self.student, self.cfg.teacher_momentum)

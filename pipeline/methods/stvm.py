@@ -32,7 +32,7 @@ from pipeline import distributed
 from pipeline.data import streams
 from pipeline.labels import CLASS_NAMES, IGNORE_INDEX
 from pipeline.methods.base import Method, uses_amp
-from pipeline.methods.teacher import ema_update, make_teacher
+from pipeline.methods.teacher import make_teacher, update_teacher
 
 
 @dataclass
@@ -153,6 +153,7 @@ class STvM(Method):
         # Teacher-label statistics against the target's true labels, where the split has
         # them (the benchmark): per class, [labelled, right, Σ reliability, Σ reliability when right].
         self.counts = torch.zeros(4, cfg.num_classes, dtype=torch.float64, device=device)
+        self.reliability_sum = torch.zeros(2, dtype=torch.float64, device=device)  # [Σ r, pixels]
 
     @classmethod
     def check(cls, cfg):
@@ -186,7 +187,7 @@ class STvM(Method):
         with torch.no_grad(), ctx.autocast():
             features, teacher_logits = self.teacher.forward_with_features(weak)
         features = features.float()
-        labels = teacher_logits.argmax(1)  # [N, H, W]
+        labels = teacher_logits.max(1).indices  # [N, H, W] (argmax over dim 1 is 3x slower on CPU)
         small = F.interpolate(labels[:, None].float(), size=features.shape[-2:], mode="nearest")[:, 0].long()
 
         # the metric network learns on the teacher's features and labels
@@ -233,6 +234,7 @@ class STvM(Method):
 
     @torch.no_grad()
     def _count(self, labels, weights, truth):
+        self.reliability_sum += torch.stack([weights.double().sum(), weights.new_tensor(weights.numel()).double()])
         valid = truth != IGNORE_INDEX
         if not valid.any():
             return
@@ -248,17 +250,20 @@ class STvM(Method):
         m = self.settings.teacher_momentum
         if self.settings.momentum_warmup:
             m = min(1 - 1 / (step + 1), m)
-        ema_update(self.teacher, self.student, m)
+        update_teacher(self.teacher, self.student, m)
 
     def summary(self):
-        """The precision of the teacher's labels, unweighted and weighted by reliability,
-        overall and per class (``stvm/...``), where the target split has labels."""
+        """The mean reliability over the stage, and the precision of the teacher's labels,
+        unweighted and weighted by reliability, overall and per class (``stvm/...``), where
+        the target split has labels."""
         n, right, r, r_right = distributed.sum_array(self.counts.cpu().numpy(), self.device)
+        total, pixels = distributed.sum_array(self.reliability_sum.cpu().numpy(), self.device)
+        metrics = {"stvm/reliability": float(total / max(pixels, 1))}  # mean over the stage
         if n.sum() == 0:
-            return {}
+            return metrics
         names = CLASS_NAMES if self.cfg.num_classes == len(CLASS_NAMES) else [str(c) for c in range(len(n))]
-        metrics = {"stvm/teacher_precision": float(right.sum() / n.sum()),
-                   "stvm/teacher_precision_weighted": float(r_right.sum() / max(r.sum(), 1e-12))}
+        metrics.update({"stvm/teacher_precision": float(right.sum() / n.sum()),
+                        "stvm/teacher_precision_weighted": float(r_right.sum() / max(r.sum(), 1e-12))})
         for c, name in enumerate(names):
             if n[c] > 0:
                 metrics[f"stvm/teacher_precision/{name}"] = float(right[c] / n[c])

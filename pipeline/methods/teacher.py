@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from pipeline import distributed
+
 
 def make_teacher(student: nn.Module) -> nn.Module:
     """A frozen copy of the student's current weights, in eval mode (its own BN statistics)."""
@@ -26,3 +28,11 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
             value.mul_(momentum).add_(taught[name].detach(), alpha=1 - momentum)
         else:
             value.copy_(taught[name])
+
+
+def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """The EMA step, then rank 0's batch-norm statistics on every replica: DDP keeps the
+    students' weights equal, but each rank's running statistics follow its own batch, and
+    a teacher averaging them would drift apart from one rank to the next."""
+    ema_update(teacher, student, momentum)
+    distributed.broadcast_buffers(teacher)
