@@ -109,3 +109,55 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(benchmark_data, tmp_p
     changed = config.load(ExperimentConfig, "configs/benchmark.yaml", _tiny(benchmark_data, out, "seed=5"))
     with pytest.raises(SystemExit, match="stages finished under the old settings: source_only"):
         common.experiment_tracker(changed)
+
+
+def _marked(marker: bytes) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        pids.append(int(name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.slow  # a private Ray instance started and stopped: a minute or more each
+@pytest.mark.parametrize("how, grace", [
+    ("SIGTERM", 60),
+    # SIGKILL gives the driver no chance: Ray's DashboardAgent and RuntimeEnvAgent outlive it
+    # and exit once they find their raylet gone (measured: 60-120 s).
+    ("SIGKILL", 240),
+])
+def test_a_stopped_job_leaves_no_process_behind(benchmark_data, tmp_path, how, grace):
+    import signal
+    import time
+    import uuid
+
+    marker = f"IAST_ORPHAN_TEST={uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a private instance
+    env[marker.split("=")[0]] = marker.split("=")[1]
+    job = subprocess.Popen(
+        [sys.executable, JOB, "--config", "configs/benchmark.yaml",
+         *_tiny(benchmark_data, tmp_path / "out", "source_only.iterations=100000")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        for line in job.stdout:  # until training runs: Ray, its agents and a train worker are up
+            if "[source_only] source_only" in line or time.time() > deadline:
+                break
+        assert job.poll() is None, "the job ended before training started"
+        assert len(_marked(marker.encode())) > 3  # driver, raylet, agents, workers
+        job.send_signal(getattr(signal, how))
+        job.wait(timeout=120)
+        deadline = time.time() + grace
+        while _marked(marker.encode()) and time.time() < deadline:
+            time.sleep(1)
+        left = _marked(marker.encode())
+        names = [open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ")[:80] for p in left]
+        assert not left, f"left running {grace} s after {how}: {names}"
+    finally:
+        for pid in _marked(marker.encode()):
+            os.kill(pid, signal.SIGKILL)
