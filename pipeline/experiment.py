@@ -44,12 +44,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.backbone_lr_mult <= 0:
             raise ValueError(f"model.backbone_lr_mult must be > 0, got {self.backbone_lr_mult}")
-        for key in ("imagenet_backbone", "init"):
-            if getattr(self, key) is not None:
-                try:
-                    storage.check_uri(getattr(self, key))
-                except ValueError as err:
-                    raise ValueError(f"{key}: {err}") from None
+        storage.check_fields(self, "imagenet_backbone", "init")
         self.imagenet_backbone = storage.absolute(self.imagenet_backbone)
         self.init = storage.absolute(self.init)
 

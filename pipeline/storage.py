@@ -45,6 +45,16 @@ def check_uri(uri: str) -> str:
     return uri
 
 
+def check_fields(obj, *keys: str) -> None:
+    """``check_uri`` of a config object's path fields (None passes); the error names the key."""
+    for key in keys:
+        if getattr(obj, key) is not None:
+            try:
+                check_uri(getattr(obj, key))
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
+
+
 def absolute(uri: str | None) -> str | None:
     """Local paths made absolute (Ray workers do not share the driver's working
     directory); URIs and None unchanged."""

@@ -58,12 +58,7 @@ class DataConfig:
 
     def __post_init__(self):
         check_split(self.dataset, self.split)
-        for key in ("root", "prepared"):
-            if getattr(self, key) is not None:
-                try:
-                    storage.check_uri(getattr(self, key))
-                except ValueError as err:
-                    raise ValueError(f"{key}: {err}") from None
+        storage.check_fields(self, "root", "prepared")
         object.__setattr__(self, "root", storage.absolute(self.root))
         object.__setattr__(self, "prepared", storage.absolute(self.prepared))
 
