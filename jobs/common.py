@@ -23,18 +23,25 @@ def positive_int(text: str) -> int:
 
 
 def parse_config(cls, doc: str, argv: list[str] | None, extra=None):
-    """``--config FILE`` plus ``key.sub=value`` overrides -> a validated ``cls``; exits 2 on
-    errors. ``extra(parser)`` adds a job's own options; then (config, args) is returned."""
+    """``--config FILE`` plus ``key.sub=value`` overrides -> a validated ``cls`` (an
+    experiment also checked: data, weights, output); exits 2 with every problem listed and
+    no traceback (``--debug`` shows it), before Ray, MLflow or any file is started.
+    ``extra(parser)`` adds a job's own options; then (config, args) is returned."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (local path or s3://)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied on top of the file")
     if extra:
         extra(parser)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a config error")
     args = parser.parse_args(argv)
     try:
         cfg = config.load(cls, args.config, args.overrides)
-    except (config.ConfigError, ValueError) as err:
-        parser.exit(2, f"config error: {err}\n")
+        if hasattr(cfg, "check"):  # an experiment: data, weights, output, all before any side effect
+            cfg.check()
+    except (config.ConfigError, ValueError, OSError) as err:
+        if args.debug:
+            raise
+        parser.exit(2, f"config error: {err}\n(nothing was started or written; --debug shows the traceback)\n")
     return (cfg, args) if extra else cfg
 
 
@@ -90,7 +97,7 @@ def experiment_tracker(cfg):
     """The MLflow tracker of an experiment; the resolved config is logged on its parent run,
     named ``<experiment>: <method>, <R> rounds`` and tagged ``method`` and ``rounds``."""
     from pipeline import storage
-    from pipeline.tracking import ExperimentTracker, default_tracking_uri
+    from pipeline.tracking import ExperimentTracker, ParamsChanged, default_tracking_uri
 
     uri = cfg.tracking_uri
     if uri is None:
@@ -106,5 +113,14 @@ def experiment_tracker(cfg):
     # old_run_name: stores from before this naming have their parent named after the experiment
     tracker = ExperimentTracker(uri, cfg.name, run_name=run_name, tags={"method": method, "rounds": rounds},
                                 old_run_name=cfg.name, color=method_color(method))
-    tracker.log_config(tracker.parent_run_id, config.to_dict(cfg))
+    try:
+        tracker.log_config(tracker.parent_run_id, config.to_dict(cfg))
+    except ParamsChanged as err:
+        if cfg.finished_stages():  # its finished stages were made with the old settings
+            raise SystemExit(f"config error: {err}\n(stages finished under the old settings: "
+                             f"{', '.join(cfg.finished_stages())}; write to a new output=...)") from None
+        old = tracker.supersede_parent(f"restarted with other settings: {err}")
+        print(f"note: the experiment's previous start (MLflow run {old}) finished no stage and had other "
+              "settings: it is marked FAILED and kept, and this run starts a new parent run", flush=True)
+        tracker.log_config(tracker.parent_run_id, config.to_dict(cfg))
     return tracker

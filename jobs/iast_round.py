@@ -13,26 +13,20 @@ round runs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from common import experiment_tracker, init_ray
+from common import experiment_tracker, init_ray, parse_config
 
-from pipeline import config
 from pipeline.experiment import ExperimentConfig
 from pipeline.rounds import read_record, run_round
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="experiment YAML (local path or s3://)")
+def _round(parser) -> None:
     parser.add_argument("--round", type=int, help="round to run (default: the first unfinished one)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied on top of the file")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config.load(ExperimentConfig, args.config, args.overrides)
-    except config.ConfigError as err:
-        parser.exit(2, f"config error: {err}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_config(ExperimentConfig, __doc__, argv, extra=_round)
     rounds = len(cfg.self_training.rounds)
     round_index = args.round or next(
         (r for r in range(1, rounds + 1) if read_record(cfg, f"round_{r}") is None), None

@@ -104,6 +104,24 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
 
 
+def require(obj, rule: str, *keys: str) -> None:
+    """Range checks of a config dataclass's fields, for its ``__post_init__``; None passes.
+    ``rule``: ``positive`` (> 0), ``non_negative`` (>= 0), ``fraction`` (in (0, 1]),
+    ``probability`` (in [0, 1])."""
+    tests = {
+        "positive": (lambda v: v > 0, "> 0"),
+        "non_negative": (lambda v: v >= 0, ">= 0"),
+        "fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    }
+    ok, text = tests[rule]
+    for key in keys:
+        value = getattr(obj, key)
+        values = value if isinstance(value, (tuple, list)) else [value]
+        if value is not None and not all(ok(v) for v in values):
+            raise ValueError(f"{key} must be {text}, got {value!r}")
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """``["train.lr=3e-5", "rounds=2"]`` applied onto a nested dict (values parsed as YAML)."""
     data = json.loads(json.dumps(data))

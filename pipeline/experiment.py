@@ -18,9 +18,11 @@ Layout under ``output`` (a local folder or s3:// prefix)::
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline import config as config_lib
 from pipeline import storage
 from pipeline.data.datasets import DataConfig
 from pipeline.labels import NUM_CLASSES
@@ -42,6 +44,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.backbone_lr_mult <= 0:
             raise ValueError(f"model.backbone_lr_mult must be > 0, got {self.backbone_lr_mult}")
+        storage.check_fields(self, "imagenet_backbone", "init")
         self.imagenet_backbone = storage.absolute(self.imagenet_backbone)
         self.init = storage.absolute(self.init)
 
@@ -74,6 +77,11 @@ class ComputeConfig:
     cpus_per_label_worker: float = 1.0
     eval_workers: int = 1  # final evaluation tasks
 
+    def __post_init__(self):
+        config_lib.require(self, "positive", "num_workers", "cpus_per_worker", "label_workers", "cpus_per_label_worker",
+                           "eval_workers")
+        config_lib.require(self, "non_negative", "loader_workers", "decoded_cache_mb", "gpus_per_label_worker")
+
 
 @dataclass
 class StageConfig:
@@ -87,12 +95,20 @@ class StageConfig:
     discriminator_lr: float = 2e-5
     checkpoint_every: int = 1000
 
+    def __post_init__(self):
+        config_lib.require(self, "non_negative", "iterations", "adversarial_weight")
+        config_lib.require(self, "positive", "lr", "batch_size", "discriminator_lr", "checkpoint_every")
+
 
 @dataclass
 class RoundConfig:
     alpha: float  # IAS selection proportion of this round
     lr: float
     pseudo_label_size: tuple[int, int]  # (width, height)
+
+    def __post_init__(self):
+        config_lib.require(self, "fraction", "alpha")
+        config_lib.require(self, "positive", "lr", "pseudo_label_size")
 
 
 @dataclass
@@ -150,6 +166,11 @@ class SelfTrainingConfig:
     def __post_init__(self):
         if self.backbone_lr_mult is not None and self.backbone_lr_mult <= 0:
             raise ValueError(f"self_training.backbone_lr_mult must be > 0 (or null), got {self.backbone_lr_mult}")
+        config_lib.require(self, "non_negative", "iterations", "gamma", "confident_weight", "ignored_weight",
+                           "hard_classes")
+        config_lib.require(self, "positive", "batch_size", "instance_size", "checkpoint_every")
+        config_lib.require(self, "probability", "beta", "constant_threshold")
+        config_lib.require(self, "fraction", "cbst_portion")
 
 
 @dataclass
@@ -197,7 +218,10 @@ class ExperimentConfig:
     seed: int = 888
 
     def __post_init__(self):
-        self.output = storage.absolute(storage.check_uri(self.output))
+        try:
+            self.output = storage.absolute(storage.check_uri(self.output))
+        except ValueError as err:
+            raise ValueError(f"output: {err}") from None
         if self.stvm.iterations > 0 and self.self_training.rounds:
             raise ValueError("self_training.rounds and stvm.iterations are both set: an experiment adapts "
                              "either with rounds of pseudo-labels or with source-free STvM; give one")
@@ -218,22 +242,73 @@ class ExperimentConfig:
         return "stvm" if self.source_free else f"round_{len(self.self_training.rounds)}"
 
     def check(self) -> None:
-        """Fail in seconds, not hours: every stage's settings valid, every dataset prepared
-        and every weights file present."""
-        self.check_stages()
+        """Fail in seconds, not hours, and before anything is created: raises ConfigError
+        listing every problem (see ``problems``)."""
+        found = self.problems()
+        if found:
+            head = "1 problem" if len(found) == 1 else f"{len(found)} problems"
+            raise config_lib.ConfigError(f"{head} before any work started:\n" + "\n".join(f"  - {p}" for p in found))
+
+    def problems(self) -> list[str]:
+        """Everything that can be known wrong before the experiment starts, each naming the
+        key or file and the fix: every stage's settings, storage URIs, an output that
+        cannot be written, every dataset prepared (lists, labels) and every weights file
+        present and fitting the model (architecture and number of classes)."""
+        found = []
+
+        def attempt(check, *args) -> None:
+            try:
+                check(*args)
+            except (ValueError, OSError, config_lib.ConfigError) as err:
+                found.append(str(err))
+
+        attempt(self.check_stages)
         for key in ("source", "target", "val", "source_val"):
-            data = getattr(self.data, key)
-            if data is None:  # source (source-free) and source_val are optional
-                continue
-            samples = data.samples()  # raises with the prepare command when the list is missing
-            if not samples:
-                raise ValueError(f"data.{key}: {data.dataset} {data.split} at {data.root} holds no images")
-            if key != "target" and samples[0].label is None:
-                raise ValueError(f"data.{key}: {data.dataset} {data.split} at {data.root} has no labels")
+            if getattr(self.data, key) is not None:  # source (source-free) and source_val are optional
+                attempt(self._check_data, key)
         for key in ("imagenet_backbone", "init"):
-            uri = getattr(self.model, key)
-            if uri and not storage.exists(uri):
-                raise FileNotFoundError(f"model.{key}: weights file {uri} not found")
+            if getattr(self.model, key):
+                attempt(self._check_weights, key)
+        attempt(self._check_output)
+        return found
+
+    def _check_data(self, key: str) -> None:
+        data = getattr(self.data, key)
+        samples = data.samples()  # raises with the prepare command when the list is missing
+        if not samples:
+            raise ValueError(f"data.{key}: {data.dataset} {data.split} at {data.root} holds no images")
+        if key != "target" and samples[0].label is None:
+            raise ValueError(f"data.{key}: {data.dataset} {data.split} at {data.root} has no labels")
+
+    def _check_weights(self, key: str) -> None:
+        from pipeline.models import build_model, load_checkpoint, load_iast_checkpoint, load_imagenet_backbone
+
+        uri = getattr(self.model, key)
+        try:
+            if not storage.exists(uri):
+                raise FileNotFoundError(f"weights file {uri} not found (weights are never downloaded: put it there)")
+            model = build_model(self.model.arch, self.num_classes)
+            if key == "imagenet_backbone":
+                load_imagenet_backbone(model, uri)
+            elif self.model.init_format == "iast":
+                load_iast_checkpoint(model, uri)
+            else:
+                load_checkpoint(model, uri)
+        except (ValueError, OSError, RuntimeError) as err:
+            raise ValueError(f"model.{key}: {err} (model.arch {self.model.arch}, num_classes "
+                             f"{self.num_classes})") from None
+
+    def _check_output(self) -> None:
+        if storage.scheme(self.output) != "file":
+            return  # object storage: its permissions show at the first write
+        existing = self.output
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ValueError(f"output: {existing} is a file, not a folder: choose another output=...")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"output: {self.output} cannot be written ({existing} is not writable): choose "
+                             "another output=...")
 
     def check_stages(self) -> None:
         """Builds the configuration of every stage that will run, so that a setting one of
@@ -263,6 +338,12 @@ class ExperimentConfig:
     # -- where things live ------------------------------------------------------------
     def stage_record(self, stage: str) -> str:
         return storage.join(self.output, "stages", f"{stage}.json")
+
+    def finished_stages(self) -> list[str]:
+        """The stages with a completion record under ``output`` (any of this config's)."""
+        stages = ["init", "source_only", "adversarial", "stvm", "final_eval", "oracle"]
+        stages += [f"round_{r}" for r in range(1, len(self.self_training.rounds) + 1)]
+        return [stage for stage in stages if storage.exists(self.stage_record(stage))]
 
     def label_store(self, round_index: int) -> str:
         return storage.join(self.output, "labels", f"round_{round_index}")

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from typing import IO
 
 import fsspec
 import pyarrow.fs
 
 _SUPPORTED = ("file", "s3")
+# what a mistyped URI looks like as a local path: "s3//bucket", "s3:/bucket", "s3:bucket"
+_MISTYPED = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)(//|:/?)(?!/)")
+_KNOWN_SCHEMES = ("s3", "s3a", "gs", "gcs", "hdfs", "abfs", "az", "http", "https", "file")
 
 
 def scheme(uri: str) -> str:
@@ -26,6 +30,12 @@ def check_uri(uri: str) -> str:
     if not uri:
         raise ValueError("empty path: give a local folder or an s3://bucket/prefix URI")
     s = scheme(uri)
+    typo = _MISTYPED.match(uri) if s == "file" else None
+    if typo and typo[1].lower() in _KNOWN_SCHEMES and not os.path.exists(uri):
+        raise ValueError(
+            f"{uri!r} looks like a mistyped URI ({typo[1]}{typo[2]} instead of {typo[1]}://): write "
+            f"{typo[1].lower()}://{uri[typo.end():]} for object storage, or ./{uri} for a local folder"
+        )
     if s not in _SUPPORTED:
         raise ValueError(
             f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix"
@@ -33,6 +43,16 @@ def check_uri(uri: str) -> str:
     if s == "s3" and not uri[len("s3://"):].strip("/"):
         raise ValueError(f"storage URI {uri!r} names no bucket: use s3://bucket/prefix")
     return uri
+
+
+def check_fields(obj, *keys: str) -> None:
+    """``check_uri`` of a config object's path fields (None passes); the error names the key."""
+    for key in keys:
+        if getattr(obj, key) is not None:
+            try:
+                check_uri(getattr(obj, key))
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
 
 
 def absolute(uri: str | None) -> str | None:

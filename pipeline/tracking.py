@@ -285,6 +285,18 @@ class ExperimentTracker:
                 self.set_tags(self._parent_id, **tags)
         return self._parent_id
 
+    def supersede_parent(self, reason: str) -> str:
+        """Mark the parent run FAILED and keep it, renamed ``<name> (superseded)`` with a
+        ``superseded`` tag; the next use of ``parent_run_id`` creates a new parent. For an
+        experiment whose start failed before any stage finished, re-run with corrected
+        settings (MLflow params cannot change). Returns the old run's id."""
+        old = self.parent_run_id
+        self.client.set_tag(old, "superseded", reason[:MAX_PARAM_VAL_LENGTH])
+        self.client.update_run(old, name=f"{self.run_name} (superseded)")
+        self.finish(old, "FAILED")
+        self._parent_id = None
+        return old
+
     def stage_run(self, stage: str) -> str:
         """The child run of ``stage`` (``source_only``, ``round_2``, ...), re-used on resume."""
         check_stage(stage)
@@ -321,7 +333,7 @@ class ExperimentTracker:
         changed = {k: (logged[k], v) for k, v in flat.items() if k in logged and logged[k] != v}
         if changed:
             lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-            raise ValueError(
+            raise ParamsChanged(
                 f"run {run_id} was logged with other settings ({lines}); MLflow params cannot "
                 "change: use a new run name for a new configuration, or restore the old settings"
             )
@@ -460,6 +472,10 @@ class ExperimentTracker:
     def report_callback(self, run_id: str) -> ReportToMlflow:
         """A Ray Train callback that logs every report of a stage into ``run_id``."""
         return ReportToMlflow(self.tracking_uri, run_id)
+
+
+class ParamsChanged(ValueError):
+    """A run's params were logged with other values (MLflow params cannot change)."""
 
 
 class ReportToMlflow(ray.train.UserCallback):

@@ -174,10 +174,10 @@ def test_unknown_experiment_keys_are_rejected(benchmark_data, tmp_path):
 
 def test_experiment_checks_every_dataset_and_weights_file_before_any_work(benchmark_data, tmp_path):
     cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{"data.val.root": str(tmp_path / "nowhere")})
-    with pytest.raises(FileNotFoundError, match="prepare_data.py"):
+    with pytest.raises(config.ConfigError, match="prepare_data.py"):
         run_experiment(cfg, tracker=None)
     cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{"model.imagenet_backbone": str(tmp_path / "r101.pth")})
-    with pytest.raises(FileNotFoundError, match="r101.pth"):
+    with pytest.raises(config.ConfigError, match="r101.pth not found"):
         run_experiment(cfg, tracker=None)
     assert not (tmp_path / "out").exists()  # nothing was started
 

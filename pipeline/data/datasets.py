@@ -58,6 +58,7 @@ class DataConfig:
 
     def __post_init__(self):
         check_split(self.dataset, self.split)
+        storage.check_fields(self, "root", "prepared")
         object.__setattr__(self, "root", storage.absolute(self.root))
         object.__setattr__(self, "prepared", storage.absolute(self.prepared))
 
