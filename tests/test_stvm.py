@@ -49,6 +49,15 @@ def test_a_pixel_of_reliability_zero_gives_no_gradient():
         if w == 1.0:
             g1 = full.grad.clone()
     assert torch.allclose(full.grad, 0.5 * g1)
+    # soft targets (the teacher's softmax): the same rule
+    logits.grad = None
+    soft = torch.softmax(torch.randn(1, 3, 2, 2), 1)
+    reliability_weighted_loss(logits, soft, weights).backward()
+    grad = logits.grad.abs().sum(1)[0]
+    assert grad[0, 1] == 0 and (grad[0, 0] > 0) and (grad[1, 1] > 0)
+    one_hot = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    assert torch.allclose(reliability_weighted_loss(logits, one_hot, weights),
+                          reliability_weighted_loss(logits, labels, weights))
 
 
 def test_proxy_anchor_loss_on_a_hand_case():
@@ -109,6 +118,13 @@ def test_the_mocm_mask_takes_the_most_reliable_classes():
     random = classmix_mask(labels, weights, "random", torch.Generator().manual_seed(0))
     assert random.sum() == 4 and len(torch.unique(labels[random])) == 2
     assert classmix_mask(torch.full((2, 2), 5), torch.ones(2, 2), "reliable").all()  # one class: itself
+    # "weighted": half the classes drawn with probability ∝ mean reliability
+    weights = torch.tensor([[0.9, 0.9, 0.05, 0.05], [0.6, 0.6, 0.3, 0.3]])
+    g = torch.Generator().manual_seed(0)
+    picks = torch.stack([classmix_mask(labels, weights, "weighted", g) for _ in range(400)])
+    share = {c: picks[:, labels == c].float().mean().item() for c in (1, 2, 3, 4)}
+    assert all(picks[i].sum() == 4 for i in range(len(picks)))  # always two of the four classes
+    assert share[1] > share[3] > share[4] > share[2]
 
 
 def test_bad_stvm_settings_fail_before_training(tmp_path, benchmark_data, small_checkpoint):

@@ -12,9 +12,10 @@ The stage sees the source model's weights and unlabelled target images only. Per
    proxy of its teacher label: softmax_k(s · cos(e, p_k)) at k = ŷ, in [0, 1];
 4. MOCM: every image of the batch receives the pixels of half the classes of the next
    image's teacher labels (ClassMix), the classes chosen by their mean reliability;
-5. the student learns, on the mixed strong views, from all the teacher's labels with no
-   threshold: cross-entropy weighted per pixel by the reliability (a pixel of
-   reliability 0 gives no gradient).
+5. the student learns, on the mixed strong views, from all the teacher's predictions with
+   no threshold (its softmax, mixed as ClassMix mixes it; ``targets: hard`` its argmax):
+   cross-entropy weighted per pixel by the reliability (a pixel of reliability 0 gives no
+   gradient).
 
 The paper's full text is not public: docs/methods.md gives each choice made here and why.
 """
@@ -47,7 +48,10 @@ class STvMConfig:
     reliability_scale: float = 32.0  # s in softmax_k(s · cos(e, p_k))
     metric_lr: float = 1e-3  # Adam, metric network and proxies
     metric_pixels: int = 8192  # feature pixels per step and worker the proxy loss samples
-    mix: Literal["reliable", "random", "none"] = "reliable"  # MOCM's class choice; none: no mixing
+    # MOCM's class choice: "weighted" draws half the classes with probability ∝ their mean
+    # reliability, "reliable" takes the most reliable half, "random" ClassMix's; none: no mixing
+    mix: Literal["weighted", "reliable", "random", "none"] = "weighted"
+    targets: Literal["soft", "hard"] = "soft"  # the teacher's softmax (as ClassMix pastes it) or its argmax
 
     def __post_init__(self):
         if not 0 <= self.teacher_momentum < 1:
@@ -113,29 +117,37 @@ def reliability(cos: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.
     return torch.softmax(scale * cos.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
 
 
-def reliability_weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """mean over pixels of w · CE(logits, ŷ): every pixel learns from its teacher label, as
-    much as the label is reliable (w = 0: no gradient)."""
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+def reliability_weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """mean over pixels of w · CE(logits, target): every pixel learns from its teacher's
+    prediction, as much as it is reliable (w = 0: no gradient). ``targets``: [N, H, W]
+    labels, or [N, K, H, W] probabilities (soft cross-entropy)."""
+    if targets.dim() == 3:
+        ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    else:
+        ce = -(targets.detach().float() * F.log_softmax(logits.float(), dim=1)).sum(1)
     return (weights.detach() * ce).mean()
 
 
 def classmix_mask(labels: torch.Tensor, weights: torch.Tensor, rule: str,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """[H, W] boolean mask of the pixels to paste from one image: those of half its classes
-    (at least one), the most reliable ones (``rule`` "reliable": highest mean weight) or
-    random ones ("random", ClassMix's)."""
+    (at least one), drawn with probability ∝ their mean weight (``rule`` "weighted"), the
+    most reliable ones ("reliable": highest mean weight) or random ones ("random", ClassMix's)."""
     classes = torch.unique(labels)
     if rule == "none" or not len(classes):
         return torch.zeros_like(labels, dtype=torch.bool)
     k = max(1, len(classes) // 2)
-    if rule == "reliable":
-        means = torch.stack([weights[labels == c].mean() for c in classes])
-        chosen = classes[torch.argsort(means, descending=True, stable=True)[:k]]
+    if rule in ("reliable", "weighted"):
+        means = torch.stack([weights[labels == c].mean() for c in classes]).float()
+        if rule == "reliable":
+            order = torch.argsort(means, descending=True, stable=True)
+        else:
+            order = torch.multinomial(means.cpu().clamp(min=1e-6), len(classes), generator=generator).to(means.device)
+        chosen = classes[order[:k]]
     elif rule == "random":
         chosen = classes[torch.randperm(len(classes), generator=generator, device="cpu")[:k].to(classes.device)]
     else:
-        raise ValueError(f"unknown mix rule {rule!r}: reliable, random or none")
+        raise ValueError(f"unknown mix rule {rule!r}: weighted, reliable, random or none")
     return torch.isin(labels, chosen)
 
 
@@ -217,13 +229,14 @@ class STvM(Method):
             self._count(labels, weights, truth)
 
             # MOCM: image i receives pixels of the next image's most reliable classes
-            x, y, w = strong, labels, weights
+            targets = teacher_logits.float().softmax(1) if s.targets == "soft" else labels
+            x, y, w = strong, targets, weights
             mixed = torch.zeros_like(labels, dtype=torch.bool)
             if s.mix != "none" and len(strong) > 1:
                 donor = torch.roll(torch.arange(len(strong), device=strong.device), -1)
                 mixed = torch.stack([classmix_mask(labels[j], weights[j], s.mix, generator) for j in donor.tolist()])
                 x = torch.where(mixed[:, None], strong[donor], strong)
-                y = torch.where(mixed, labels[donor], labels)
+                y = torch.where(mixed[:, None] if y.dim() == 4 else mixed, y[donor], y)
                 w = torch.where(mixed, weights[donor], weights)
 
         with ctx.autocast():
