@@ -114,7 +114,7 @@ def experiment_tracker(cfg):
     tracker = ExperimentTracker(uri, cfg.name, run_name=run_name, tags={"method": method, "rounds": rounds},
                                 old_run_name=cfg.name, color=method_color(method))
     try:
-        tracker.log_config(tracker.parent_run_id, config.to_dict(cfg))
+        tracker.log_config(tracker.parent_run_id, cfg.tracked())
     except ParamsChanged as err:
         if cfg.finished_stages():  # its finished stages were made with the old settings
             raise SystemExit(f"config error: {err}\n(stages finished under the old settings: "
@@ -122,5 +122,5 @@ def experiment_tracker(cfg):
         old = tracker.supersede_parent(f"restarted with other settings: {err}")
         print(f"note: the experiment's previous start (MLflow run {old}) finished no stage and had other "
               "settings: it is marked FAILED and kept, and this run starts a new parent run", flush=True)
-        tracker.log_config(tracker.parent_run_id, config.to_dict(cfg))
+        tracker.log_config(tracker.parent_run_id, cfg.tracked())
     return tracker

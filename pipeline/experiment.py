@@ -232,6 +232,14 @@ class ExperimentConfig:
             raise ValueError("data.source is empty, but source_only or adversarial is set to train on it: give "
                              "data.source, or start from model.init with source_only.iterations 0")
 
+    def tracked(self) -> dict:
+        """The configuration as the experiment's MLflow parent run logs it: without the
+        adaptation it does not run (an IAST experiment's stvm section, an STvM experiment's
+        self_training), so that changing an unused section does not change the run."""
+        data = config_lib.to_dict(self)
+        data.pop("self_training" if self.source_free else "stvm")
+        return data
+
     @property
     def source_free(self) -> bool:
         return self.stvm.iterations > 0

@@ -109,6 +109,9 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(benchmark_data, tmp_p
     changed = config.load(ExperimentConfig, "configs/benchmark.yaml", _tiny(benchmark_data, out, "seed=5"))
     with pytest.raises(SystemExit, match="stages finished under the old settings: source_only"):
         common.experiment_tracker(changed)
+    # a section the experiment does not run is not part of it: STvM's settings of an IAST experiment
+    unused = config.load(ExperimentConfig, "configs/benchmark.yaml", _tiny(benchmark_data, out, "stvm.proxy_scale=8"))
+    assert common.experiment_tracker(unused).parent_run_id == tracker.parent_run_id
 
 
 def _marked(marker: bytes) -> list[int]:
