@@ -52,7 +52,9 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     if not is_distributed():
         return
     buffers = [b for b in module.buffers() if b.numel()]
-    for dtype in {b.dtype for b in buffers}:  # one collective per dtype, not one per buffer
+    # one collective per dtype, not one per buffer, in the same order on every rank (a set
+    # of dtypes iterates in an order that differs between processes)
+    for dtype in sorted({b.dtype for b in buffers}, key=str):
         group = [b for b in buffers if b.dtype == dtype]
         flat = torch.cat([b.reshape(-1) for b in group])
         dist.broadcast(flat, src)

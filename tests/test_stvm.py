@@ -5,7 +5,6 @@ import math
 import os
 
 import pytest
-import ray.train
 import torch
 
 from pipeline.data import streams
@@ -19,7 +18,7 @@ from pipeline.methods.stvm import (
     reliability,
     reliability_weighted_loss,
 )
-from pipeline.train import TrainConfig, check_config, fit, fit_local
+from pipeline.train import TrainConfig, check_config, fit_local
 
 
 def _cfg(tmp_path, data, checkpoint, **kw):
@@ -181,20 +180,44 @@ def test_stvm_resumed_mid_stage_continues_teacher_metric_network_and_proxies(tmp
     assert 0 < (a["teacher"][key] - init[key]).norm() < (a["model"][key] - init[key]).norm()
 
 
-def test_ddp_keeps_student_metric_network_and_proxies_identical(ray_cluster, tmp_path, benchmark_data,
-                                                                small_checkpoint):
-    folder = str(tmp_path)
+def _ddp_worker(rank: int, port: int, cfg: dict, folder: str) -> None:
+    """One of two DDP replicas in a plain process group (gloo), no Ray: the loop's
+    LocalSession wraps the student in DDP as Ray Train would."""
+    import torch.distributed as dist
 
-    def record(step, method):  # self-contained: Ray pickles it by value for its workers
-        def _digest(tensors) -> str:
-            return hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in tensors)).hexdigest()
+    from pipeline import config as config_lib
+    from pipeline.train import LocalSession, run_stage
 
-        rank = ray.train.get_context().get_world_rank()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+
+    def digest(tensors) -> str:
+        return hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in tensors)).hexdigest()
+
+    def record(step, method):
         with open(os.path.join(folder, f"rank{rank}.log"), "a") as f:
-            f.write(f"{step} {_digest(method.student.parameters())} {_digest(method.metric.parameters())} "
-                    f"{_digest(method.teacher.state_dict().values())}\n")
+            f.write(f"{step} {digest(method.student.parameters())} {digest(method.metric.parameters())} "
+                    f"{digest(method.teacher.state_dict().values())}\n")
 
-    result = fit(_cfg(tmp_path, benchmark_data, small_checkpoint, num_workers=2, batch_size=4), on_step=record)
-    logs = [open(os.path.join(folder, f"rank{r}.log")).read().split("\n") for r in (0, 1)]
-    assert len(logs[0]) == 5 and logs[0] == logs[1]
-    assert result.metrics["train/mixed_share"] > 0
+    train = config_lib.from_dict(TrainConfig, cfg)
+    metrics = run_stage(train, LocalSession(train), on_step=record)
+    with open(os.path.join(folder, f"rank{rank}.metrics"), "w") as f:
+        f.write(str(metrics["train/mixed_share"]))
+    dist.destroy_process_group()
+
+
+def test_ddp_keeps_student_metric_network_and_proxies_identical(tmp_path, benchmark_data, small_checkpoint):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from pipeline import config as config_lib
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = config_lib.to_dict(_cfg(tmp_path, benchmark_data, small_checkpoint, num_workers=2, batch_size=4))
+    mp.spawn(_ddp_worker, args=(port, cfg, str(tmp_path)), nprocs=2, join=True)
+    logs = [open(os.path.join(tmp_path, f"rank{r}.log")).read().split("\n") for r in (0, 1)]
+    assert len(logs[0]) == 5 and logs[0] == logs[1]  # 4 steps: every module equal on both replicas
+    assert float(open(os.path.join(tmp_path, "rank0.metrics")).read()) > 0  # two images a worker: mixed
