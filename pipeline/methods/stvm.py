@@ -175,8 +175,6 @@ class STvM(Method):
                              f"got {cfg.label_store}")
         if cfg.source is not None:
             raise ValueError("stage stvm is source-free: `source` must be empty (it would never be read)")
-        if cfg.stvm is None:
-            raise ValueError("stage stvm needs its `stvm` settings")
 
     def modules(self):
         return {"teacher": (self.teacher, None), "metric": (self.metric, self.m_optimizer)}
