@@ -23,12 +23,14 @@ def positive_int(text: str) -> int:
 
 
 def parse_config(cls, doc: str, argv: list[str] | None, extra=None):
-    """``--config FILE`` plus ``key.sub=value`` overrides -> a validated ``cls`` (an
+    """``--config FILE`` (repeatable) plus ``key.sub=value`` overrides -> a validated ``cls`` (an
     experiment also checked: data, weights, output); exits 2 with every problem listed and
     no traceback (``--debug`` shows it), before Ray, MLflow or any file is started.
     ``extra(parser)`` adds a job's own options; then (config, args) is returned."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file (local path or s3://)")
+    parser.add_argument("--config", action="append",
+                        help="YAML file (local path or s3://); several are merged in order, a later one's keys "
+                             "over an earlier one's (e.g. a protocol: configs/protocols/clean.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied on top of the file")
     if extra:
         extra(parser)
@@ -111,7 +113,8 @@ def experiment_tracker(cfg):
     else:
         run_name = f"{cfg.name}: {method}, {rounds} round{'s' if rounds != 1 else ''}"
     # old_run_name: stores from before this naming have their parent named after the experiment
-    tracker = ExperimentTracker(uri, cfg.name, run_name=run_name, tags={"method": method, "rounds": rounds},
+    tracker = ExperimentTracker(uri, cfg.name, run_name=run_name, tags={"method": method, "rounds": rounds,
+                                                                    "protocol": cfg.protocol},
                                 old_run_name=cfg.name, color=method_color(method))
     try:
         tracker.log_config(tracker.parent_run_id, cfg.tracked())

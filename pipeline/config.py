@@ -139,17 +139,34 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load(cls: type[T], path: str | None = None, overrides: list[str] = ()) -> T:
-    """Load ``cls`` from a YAML file (local or URI) plus overrides."""
+def merge(base: dict, over: dict) -> dict:
+    """``over``'s keys onto ``base``, section by section (a later config file's settings
+    over an earlier one's; lists and values are replaced whole)."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with storage.open_file(path, "rb") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    return data
+
+
+def load(cls: type[T], path: str | list[str] | None = None, overrides: list[str] = ()) -> T:
+    """Load ``cls`` from a YAML file (local or URI), or several merged in order, plus overrides."""
     data: dict = {}
-    if path:
-        try:
-            with storage.open_file(path, "rb") as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at top level")
+    for one in [path] if isinstance(path, str) else (path or []):
+        data = merge(data, _read_yaml(one))
     return from_dict(cls, apply_overrides(data, list(overrides)))
 
 

@@ -65,3 +65,49 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
+
+
+
+class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
+    """Batch norm over every worker's batch together, on the CPU (gloo), where torch's
+    SyncBatchNorm does not run (it needs a GPU, and DDP refuses it on a CPU module). The
+    per-channel sums go through one autograd-aware all-reduce per layer, so value and
+    gradient are those of one batch made of all the workers' batches."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.track_running_stats or world_size() == 1:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce  # autograd-aware
+
+        channels = x.shape[1]
+        dims = [0, 2, 3]
+        local = x.double()
+        count = torch.full((1,), x.numel() / channels, dtype=torch.float64)
+        stats = all_reduce(torch.cat([local.sum(dims), (local * local).sum(dims), count]))
+        n = stats[-1]
+        mean = stats[:channels] / n
+        var = (stats[channels:2 * channels] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+            unbiased = var * n / (n - 1).clamp_min(1)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        shape = (1, channels, 1, 1)
+        y = ((local - mean.view(shape)) / (var.view(shape) + self.eps).sqrt()).to(x.dtype)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Every BatchNorm2d of ``model`` normalising over all workers' batches: torch's
+    SyncBatchNorm on a GPU, GlooSyncBatchNorm on the CPU. Parameters and state-dict keys
+    are unchanged, so checkpoints load either way and an optimiser built before keeps its
+    parameters."""
+    if device.type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for module in model.modules():
+        if type(module) is torch.nn.BatchNorm2d:
+            module.__class__ = GlooSyncBatchNorm  # forward only differs; no state of its own
+    return model

@@ -31,12 +31,22 @@ from pipeline.pseudo_label import PseudoLabelConfig, SelectorConfig
 from pipeline.train import TrainConfig
 
 
+# Which checkpoint of a finished stage the next link of the chain takes: its last weights,
+# its best on val (the stage validates every val_every steps), or the weights of a step
+# (kept for it outside the checkpoint rotation).
+CheckpointChoice = Literal["last", "best"] | int
+
+
 @dataclass
 class ModelConfig:
     arch: str = "deeplabv2_resnet101"
     imagenet_backbone: str | None = None  # torchvision resnet101-*.pth, for source-only from scratch
     init: str | None = None  # start the warm-up (or round 1) from this checkpoint instead
     init_format: Literal["ours", "iast"] = "ours"
+    # Label round 1 with these weights instead of model.init (same format), when no warm-up
+    # stage runs: the released warm-up ships two files, G (best on val) labels and M (last)
+    # starts round 1.
+    generator_init: str | None = None
     # The released protocol trains an ImageNet backbone at 0.1x the head's lr; a backbone
     # trained from scratch (the benchmark's small model) needs the full lr.
     backbone_lr_mult: float = 0.1
@@ -44,9 +54,12 @@ class ModelConfig:
     def __post_init__(self):
         if self.backbone_lr_mult <= 0:
             raise ValueError(f"model.backbone_lr_mult must be > 0, got {self.backbone_lr_mult}")
-        storage.check_fields(self, "imagenet_backbone", "init")
+        storage.check_fields(self, "imagenet_backbone", "init", "generator_init")
+        if self.generator_init and not self.init:
+            raise ValueError("model.generator_init labels round 1 beside model.init's weights: set model.init too")
         self.imagenet_backbone = storage.absolute(self.imagenet_backbone)
         self.init = storage.absolute(self.init)
+        self.generator_init = storage.absolute(self.generator_init)
 
 
 @dataclass(kw_only=True)
@@ -72,6 +85,9 @@ class ComputeConfig:
     loader_workers: int = 2  # DataLoader processes per training worker
     decoded_cache_mb: float = 0  # decoded samples kept in memory, per loader process (0: none)
     amp: bool = True
+    # With num_workers > 1, batch norm over every worker's batch together (SyncBatchNorm),
+    # as the released code does on several GPUs; off, each worker normalises its own share.
+    sync_batchnorm: bool = True
     label_workers: int = 1  # pseudo-labelling actors, one model each
     gpus_per_label_worker: float = 0.0
     cpus_per_label_worker: float = 1.0
@@ -93,11 +109,17 @@ class StageConfig:
     batchnorm: Literal["train", "frozen_affine", "frozen"] = "train"
     adversarial_weight: float = 0.05  # adversarial stage only
     discriminator_lr: float = 2e-5
+    discriminator_betas: tuple[float, float] = (0.9, 0.99)  # released IAST: (0.9, 0.999)
+    discriminator_schedule: Literal["constant", "cosine"] = "constant"  # released IAST: cosine
     checkpoint_every: int = 1000
+    cosine_period: float = 1.0  # the lr cosine's period over the stage's length
+    val_every: int = 0  # validate every N steps too and keep the best (0: at the end only)
+    val_size: tuple[int, int] | None = None  # (width, height) of validation; None: eval_size
 
     def __post_init__(self):
-        config_lib.require(self, "non_negative", "iterations", "adversarial_weight")
-        config_lib.require(self, "positive", "lr", "batch_size", "discriminator_lr", "checkpoint_every")
+        config_lib.require(self, "non_negative", "iterations", "adversarial_weight", "val_every")
+        config_lib.require(self, "positive", "lr", "batch_size", "discriminator_lr", "checkpoint_every", "val_size")
+        config_lib.require(self, "fraction", "discriminator_betas")
 
 
 @dataclass
@@ -157,7 +179,16 @@ class SelfTrainingConfig:
     generator_from: Literal["previous_round", "warmup"] = "previous_round"
     label_test_sizes: tuple[tuple[int, int], ...] = ()  # multi-scale pseudo-labelling; () = single
     label_flip: bool = False
+    # The order IAS visits the target images in (its thresholds are a running state):
+    # "sorted" by name, or "released_permutation", the released loader's seeded shuffle.
+    label_order: Literal["sorted", "released_permutation"] = "sorted"
+    label_resize: Literal["bilinear", "lanczos"] = "bilinear"  # of the labelling input; released: lanczos
     checkpoint_every: int = 1000
+    # The lr cosine's period over a round's length: the released rounds use 1.5 (T_MAX 3
+    # epochs for 2-epoch rounds), so that a round ends at 0.251x its lr, not at the floor.
+    cosine_period: float = 1.0
+    val_every: int = 0  # validate every N steps too and keep the best (0: at the end only)
+    val_size: tuple[int, int] | None = None  # (width, height) of validation; None: eval_size
     # The backbone's lr over the head's in the rounds (None: model.backbone_lr_mult). The
     # released rounds train a pretrained backbone at 0.1x; a benchmark model trained from
     # scratch needs 1.0 in source-only and can keep 0.1 here.
@@ -167,8 +198,8 @@ class SelfTrainingConfig:
         if self.backbone_lr_mult is not None and self.backbone_lr_mult <= 0:
             raise ValueError(f"self_training.backbone_lr_mult must be > 0 (or null), got {self.backbone_lr_mult}")
         config_lib.require(self, "non_negative", "iterations", "gamma", "confident_weight", "ignored_weight",
-                           "hard_classes")
-        config_lib.require(self, "positive", "batch_size", "instance_size", "checkpoint_every")
+                           "hard_classes", "val_every")
+        config_lib.require(self, "positive", "batch_size", "instance_size", "checkpoint_every", "val_size")
         config_lib.require(self, "probability", "beta", "constant_threshold")
         config_lib.require(self, "fraction", "cbst_portion")
 
@@ -185,15 +216,44 @@ class STvMStageConfig(STvMConfig):
     batchnorm: Literal["train", "frozen_affine", "frozen"] = "train"
     backbone_lr_mult: float | None = None  # None: model.backbone_lr_mult
     checkpoint_every: int = 1000
+    cosine_period: float = 1.0
+    val_every: int = 0  # validate every N steps too and keep the best (0: at the end only)
+    val_size: tuple[int, int] | None = None  # (width, height) of validation; None: eval_size
 
     def settings(self) -> STvMConfig:
         return STvMConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(STvMConfig)})
 
 
 @dataclass
+class ChainConfig:
+    """Which checkpoint of the stage before each link of the chain takes (a
+    CheckpointChoice: "last", "best" on val, or a step), and which one the final
+    evaluation reports. Every choice is recorded in the next stage's lineage."""
+
+    adversarial_init: CheckpointChoice = "last"  # source-only's, starting the adversarial warm-up
+    round1_generator: CheckpointChoice = "last"  # the warm-up's, labelling round 1
+    round1_init: CheckpointChoice = "last"  # the warm-up's, starting round 1
+    generator: CheckpointChoice = "last"  # round r's, labelling round r+1
+    init: CheckpointChoice = "last"  # round r's, starting round r+1
+    # The final evaluation's headline: the adaptation's last weights, or the best on val
+    # over all its rounds (the released figure; it selects on the target val set). With
+    # periodic validation both are evaluated and reported.
+    report: Literal["last", "best"] = "last"
+
+    def __post_init__(self):
+        for key in ("adversarial_init", "round1_generator", "round1_init", "generator", "init"):
+            value = getattr(self, key)
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"chain.{key} must be last, best or a step >= 1, got {value}")
+
+
+@dataclass
 class EvalConfig:
     sizes: tuple[tuple[int, int], ...] = ()  # final multi-scale evaluation; () = label size
     flip: bool = False
+    # Also evaluate with flip, reported apart (final_eval's flip/val/...): the released
+    # protocol reports without, and flip adds a few tenths.
+    report_flip: bool = False
 
 
 @dataclass
@@ -208,13 +268,21 @@ class ExperimentConfig:
     adversarial: StageConfig = field(default_factory=StageConfig)
     oracle: StageConfig = field(default_factory=StageConfig)
     final_eval: EvalConfig = field(default_factory=EvalConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    # A name for the protocol the config follows ("released", "clean", ...): tagged on the
+    # MLflow runs and printed with the final table, so that figures are compared alike.
+    protocol: str = "custom"
     tracking_uri: str | None = None  # default: sqlite under output (local output only)
     num_classes: int = NUM_CLASSES
     crop_size: tuple[int, int] = (1024, 512)  # (width, height)
     source_crop_heights: tuple[int, int] = (341, 950)
     target_crop_heights: tuple[int, int] = (341, 1000)
     eval_size: tuple[int, int] | None = None  # validation size after each stage; None: label size
+    val_metric: str = "mIoU-19"  # what "best on val" means (SYNTHIA: mIoU-16)
+    # The lr cosine's floor (final_lr_ratio 0.001) as a fraction of each parameter group's
+    # own lr ("group") or of the head's lr for all ("head", the released eta_min).
+    lr_floor_of: Literal["group", "head"] = "group"
     seed: int = 888
 
     def __post_init__(self):
@@ -271,10 +339,11 @@ class ExperimentConfig:
                 found.append(str(err))
 
         attempt(self.check_stages)
+        attempt(self.check_chain)
         for key in ("source", "target", "val", "source_val"):
             if getattr(self.data, key) is not None:  # source (source-free) and source_val are optional
                 attempt(self._check_data, key)
-        for key in ("imagenet_backbone", "init"):
+        for key in ("imagenet_backbone", "init", "generator_init"):
             if getattr(self.model, key):
                 attempt(self._check_weights, key)
         attempt(self._check_output)
@@ -298,6 +367,8 @@ class ExperimentConfig:
             model = build_model(self.model.arch, self.num_classes)
             if key == "imagenet_backbone":
                 load_imagenet_backbone(model, uri)
+            elif key == "generator_init" and self.model.init_format == "iast":
+                load_iast_checkpoint(model, uri)
             elif self.model.init_format == "iast":
                 load_iast_checkpoint(model, uri)
             else:
@@ -365,19 +436,73 @@ class ExperimentConfig:
         return storage.join(self.output, "init", "checkpoint.pt")
 
     # -- stage configurations -------------------------------------------------------------
-    def _train(self, stage: str, name: str, iterations: int, lr: float, batch_size: int, batchnorm: str,
-               checkpoint_every: int, **kw) -> TrainConfig:
+    def _train(self, stage: str, name: str, section, lr: float, **kw) -> TrainConfig:
+        """A stage's TrainConfig from its config ``section`` (schedule, batch, validation)
+        and the experiment-wide settings."""
         c = self.compute
         return TrainConfig(
-            stage=stage, name=name, storage=self.train_storage, iterations=iterations, lr=lr,
-            arch=self.model.arch, num_classes=self.num_classes, batch_size=batch_size, batchnorm=batchnorm,
+            stage=stage, name=name, storage=self.train_storage, iterations=section.iterations, lr=lr,
+            arch=self.model.arch, num_classes=self.num_classes, batch_size=section.batch_size,
+            batchnorm=section.batchnorm,
             backbone_lr_mult=kw.pop("backbone_lr_mult", None) or self.model.backbone_lr_mult,
             crop_size=self.crop_size, source_crop_heights=self.source_crop_heights,
-            target_crop_heights=self.target_crop_heights, checkpoint_every=checkpoint_every,
+            target_crop_heights=self.target_crop_heights, checkpoint_every=section.checkpoint_every,
+            cosine_period=section.cosine_period, lr_floor_of=self.lr_floor_of, val_every=section.val_every,
+            val_metric=self.val_metric, eval_size=section.val_size or self.eval_size,
+            keep_steps=self._kept_steps(name), sync_batchnorm=c.sync_batchnorm,
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
-            loader_workers=c.loader_workers, decoded_cache_mb=c.decoded_cache_mb, amp=c.amp, seed=self.seed, val=self.data.val,
-            eval_size=self.eval_size, **kw,
+            loader_workers=c.loader_workers, decoded_cache_mb=c.decoded_cache_mb, amp=c.amp, seed=self.seed,
+            val=self.data.val, **kw,
         )
+
+    # -- the chain: which checkpoint each link takes ------------------------------------------
+    def chain_links(self) -> list[tuple[str, str, CheckpointChoice]]:
+        """(link, the stage it reads, its choice) of every link that will run: the chain's
+        settings resolved against the stages configured."""
+        ch, links = self.chain, []
+        if self.adversarial.iterations and self.source_only.iterations:
+            links.append(("adversarial_init", "source_only", ch.adversarial_init))
+        warmup = self.warmup_stage
+        for r in range(1, len(self.self_training.rounds) + 1):
+            st = self.self_training
+            for role in ("generator", "init"):
+                source = warmup if r == 1 or getattr(st, f"{role}_from") == "warmup" else f"round_{r - 1}"
+                choice = getattr(ch, f"round1_{role}") if source == warmup else getattr(ch, role)
+                links.append((f"round_{r} {role}", source, choice))
+        return links
+
+    @property
+    def warmup_stage(self) -> str:
+        """The stage the adaptation starts from: adversarial, source_only, or "warmup" (model.init)."""
+        for stage in ("adversarial", "source_only"):
+            if getattr(self, stage).iterations > 0:
+                return stage
+        return "warmup"
+
+    def _kept_steps(self, stage: str) -> tuple[int, ...]:
+        """The steps of ``stage`` a later link takes, kept outside the checkpoint rotation."""
+        return tuple(sorted({choice for _, source, choice in self.chain_links()
+                             if source == stage and isinstance(choice, int)}))
+
+    def check_chain(self) -> None:
+        """Every link's choice exists: "best" needs that stage's val_every, a step its range;
+        a given warm-up (model.init) has only its last weights."""
+        for link, source, choice in self.chain_links():
+            if choice == "last":
+                continue
+            where = f"chain ({link} takes {choice!r} of {source})"
+            if source == "warmup":
+                raise ValueError(f"{where}: the warm-up is model.init, a single file; give its choice as last "
+                                 "(and model.generator_init for other labelling weights)")
+            section = self.self_training if source.startswith("round_") else getattr(self, source)
+            if choice == "best" and not section.val_every:
+                key = "self_training" if source.startswith("round_") else source
+                raise ValueError(f"{where}: {source} keeps no best checkpoint; set {key}.val_every")
+            if isinstance(choice, int) and choice > section.iterations:
+                raise ValueError(f"{where}: {source} runs {section.iterations} steps only")
+        if self.chain.report == "best" and not (self.stvm if self.source_free else self.self_training).val_every:
+            key = "stvm" if self.source_free else "self_training"
+            raise ValueError(f"chain.report is best, but the adaptation keeps no best checkpoint: set {key}.val_every")
 
     def warmup_config(self, stage: Literal["source_only", "adversarial", "oracle"], init: str | None) -> TrainConfig:
         s: StageConfig = getattr(self, stage)
@@ -389,10 +514,11 @@ class ExperimentConfig:
             weights = {"init": self.model.init, "init_format": self.model.init_format,
                        "imagenet_backbone": self.model.imagenet_backbone}
         return self._train(
-            stage, stage, s.iterations, s.lr, s.batch_size, s.batchnorm, s.checkpoint_every,
+            stage, stage, s, s.lr,
             source=self.data.source if stage != "oracle" else None,
             target=self.data.target if stage != "source_only" else None,
-            adversarial_weight=s.adversarial_weight, discriminator_lr=s.discriminator_lr, **weights,
+            adversarial_weight=s.adversarial_weight, discriminator_lr=s.discriminator_lr,
+            discriminator_betas=s.discriminator_betas, discriminator_schedule=s.discriminator_schedule, **weights,
         )
 
     def round_train_config(self, round_index: int, init: str) -> TrainConfig:
@@ -402,8 +528,7 @@ class ExperimentConfig:
         if st.hard_classes:
             hiast["hard_classes"] = st.hard_classes
         return self._train(
-            "self_training", f"round_{round_index}", st.iterations, r.lr, st.batch_size, st.batchnorm,
-            st.checkpoint_every, init=init, label_store=self.label_store(round_index),
+            "self_training", f"round_{round_index}", st, r.lr, init=init, label_store=self.label_store(round_index),
             confident_weight=st.confident_weight, ignored_weight=st.ignored_weight,
             backbone_lr_mult=st.backbone_lr_mult, **hiast,
         )
@@ -411,8 +536,8 @@ class ExperimentConfig:
     def stvm_train_config(self, init: str) -> TrainConfig:
         s = self.stvm
         return self._train(
-            "stvm", "stvm", s.iterations, s.lr, s.batch_size, s.batchnorm, s.checkpoint_every, init=init,
-            target=self.data.target, backbone_lr_mult=s.backbone_lr_mult, stvm=s.settings(),
+            "stvm", "stvm", s, s.lr, init=init, target=self.data.target, backbone_lr_mult=s.backbone_lr_mult,
+            stvm=s.settings(),
         )
 
     def round_label_config(self, round_index: int, generator: str) -> PseudoLabelConfig:
@@ -421,7 +546,7 @@ class ExperimentConfig:
         return PseudoLabelConfig(
             target=self.data.target, store=self.label_store(round_index), checkpoint=generator,
             arch=self.model.arch, num_classes=self.num_classes, size=r.pseudo_label_size,
-            test_sizes=st.label_test_sizes, flip=st.label_flip,
+            test_sizes=st.label_test_sizes, flip=st.label_flip, order=st.label_order, resize=st.label_resize,
             selector=SelectorConfig(
                 name=st.selector, alpha=r.alpha, beta=st.beta, gamma=st.gamma, instance_size=st.instance_size,
                 portion=st.cbst_portion, threshold=st.constant_threshold, label_values=st.label_values,

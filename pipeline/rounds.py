@@ -39,6 +39,22 @@ class StageRecord:
     metrics: dict = field(default_factory=dict)  # val/... (and pseudo/... for rounds)
     lineage: dict = field(default_factory=dict)  # where its weights and labels came from
     data: dict = field(default_factory=dict)  # the fingerprint of each data split it ran on
+    # weights kept beside the last: "best" (on val) and "step_<N>" -> URI
+    checkpoints: dict = field(default_factory=dict)
+
+
+def pick_checkpoint(record: StageRecord, choice, link: str) -> tuple[str, int | None]:
+    """(URI, step) of the checkpoint ``choice`` ("last", "best" or a step) of a finished
+    stage, for the chain's ``link``; the step is None for a given file (model.init)."""
+    if choice == "last":
+        return record.checkpoint, record.lineage.get("steps")
+    key = "best" if choice == "best" else f"step_{choice}"
+    if key not in record.checkpoints:
+        raise RuntimeError(f"{link} takes {choice!r} of {record.stage}, which finished without it (kept: "
+                           f"{', '.join(record.checkpoints) or 'none'}); run {record.stage} again with the chain's "
+                           "settings, or choose last")
+    step = int(record.metrics["best/step"]) if choice == "best" else int(choice)
+    return record.checkpoints[key], step
 
 
 def _data_fingerprints(cfg: ExperimentConfig) -> dict:
@@ -93,10 +109,15 @@ def _train_tracked(cfg: ExperimentConfig, stage: str, run_id: str, tracker: Expe
     if metrics:
         tracker.log_validation(run_id, metrics, step=train_cfg.iterations)
     tracker.set_tags(run_id, checkpoint_uri=result.checkpoint)
-    return StageRecord(stage, result.checkpoint, _stage_metrics(result.metrics))
+    best = {k: v for k, v in result.metrics.items() if k.startswith("best/") and v is not None and math.isfinite(v)}
+    if best:
+        tracker.log_metrics(run_id, best, step=train_cfg.iterations)
+    return StageRecord(stage, result.checkpoint, {**_stage_metrics(result.metrics), **best},
+                       checkpoints=dict(result.kept))
 
 
-def run_training_stage(cfg: ExperimentConfig, stage: str, tracker: ExperimentTracker, init: str | None) -> StageRecord:
+def run_training_stage(cfg: ExperimentConfig, stage: str, tracker: ExperimentTracker, init: str | None,
+                       lineage: dict | None = None) -> StageRecord:
     """source_only, adversarial or oracle (idempotent)."""
     record = read_record(cfg, stage)
     if record is not None:
@@ -105,7 +126,8 @@ def run_training_stage(cfg: ExperimentConfig, stage: str, tracker: ExperimentTra
     run_id = tracker.stage_run(stage)
     tracker.log_config(run_id, config_lib.to_dict(train_cfg))
     record = _train_tracked(cfg, stage, run_id, tracker, train_cfg)
-    record.lineage = {"init": train_cfg.init or train_cfg.imagenet_backbone}
+    record.lineage = {"init": train_cfg.init or train_cfg.imagenet_backbone, "steps": train_cfg.iterations,
+                      **(lineage or {})}
     if stage == "source_only" and cfg.data.source_val is not None:
         held_out = source_heldout_metrics(cfg, record.checkpoint)
         tracker.log_metrics(run_id, held_out, step=train_cfg.iterations)
@@ -114,21 +136,25 @@ def run_training_stage(cfg: ExperimentConfig, stage: str, tracker: ExperimentTra
     return _write_record(cfg, record)
 
 
-def given_checkpoint(cfg: ExperimentConfig) -> str | None:
-    """``model.init`` as a checkpoint of ours, for the stages that start from it when
-    source-only is skipped. Only source-only reads another format (``model.init_format``);
-    the adversarial stage, the rounds and pseudo-labelling load ours, so a released IAST
-    checkpoint is converted once into the output folder (its record, written after the
-    file, marks the conversion complete; a different model.init converts again)."""
-    if cfg.model.init is None or cfg.model.init_format == "ours":
-        return cfg.model.init
-    record = read_record(cfg, "init")
-    if record is None or record.lineage.get("given") != cfg.model.init:
+def given_checkpoint(cfg: ExperimentConfig, key: str = "init") -> str | None:
+    """``model.init`` (or ``model.generator_init``) as a checkpoint of ours, for the stages
+    that start from it when source-only is skipped. Only source-only reads another format
+    (``model.init_format``); the adversarial stage, the rounds and pseudo-labelling load
+    ours, so a released IAST checkpoint is converted once into the output folder (its
+    record, written after the file, marks the conversion complete; a different file
+    converts again)."""
+    given = getattr(cfg.model, key)
+    if given is None or cfg.model.init_format == "ours":
+        return given
+    stage = "init" if key == "init" else "generator_init"
+    record = read_record(cfg, stage)
+    if record is None or record.lineage.get("given") != given:
         model = build_model(cfg.model.arch, cfg.num_classes)
-        load_iast_checkpoint(model, cfg.model.init)
-        save_checkpoint(cfg.init_checkpoint, model)
-        record = _write_record(cfg, StageRecord("init", cfg.init_checkpoint, lineage={
-            "given": cfg.model.init, "format": cfg.model.init_format}))
+        load_iast_checkpoint(model, given)
+        converted = storage.join(cfg.output, "init", f"{stage}.pt") if key != "init" else cfg.init_checkpoint
+        save_checkpoint(converted, model)
+        record = _write_record(cfg, StageRecord(stage, converted, lineage={
+            "given": given, "format": cfg.model.init_format}))
     return record.checkpoint
 
 
@@ -148,11 +174,16 @@ def run_warmup(cfg: ExperimentConfig, tracker: ExperimentTracker) -> list[StageR
     if cfg.source_only.iterations > 0:
         records.append(run_training_stage(cfg, "source_only", tracker, init=None))
     if cfg.adversarial.iterations > 0:
-        start = records[-1].checkpoint if records else given_checkpoint(cfg)
+        lineage = {}
+        if records:
+            start, step = pick_checkpoint(records[-1], cfg.chain.adversarial_init, "adversarial")
+            lineage = {"init_stage": "source_only", "init_checkpoint": cfg.chain.adversarial_init, "init_step": step}
+        else:
+            start = given_checkpoint(cfg)
         if start is None:
             raise ValueError("the adversarial warm-up needs a source-only model: set source_only.iterations "
                              "or model.init")
-        records.append(run_training_stage(cfg, "adversarial", tracker, init=start))
+        records.append(run_training_stage(cfg, "adversarial", tracker, init=start, lineage=lineage))
     return records
 
 
@@ -181,13 +212,20 @@ def run_round(cfg: ExperimentConfig, round_index: int, tracker: ExperimentTracke
             "with jobs/run_experiment.py (finished stages are skipped)"
         )
     st = cfg.self_training
-    generator = previous.checkpoint if st.generator_from == "previous_round" else warmup.checkpoint
-    init = previous.checkpoint if st.init_from == "previous_round" else warmup.checkpoint
+    lineage = {"label_store": cfg.label_store(round_index)}
+    chosen = {}
+    for role in ("generator", "init"):
+        source = previous if getattr(st, f"{role}_from") == "previous_round" else warmup
+        choice = getattr(cfg.chain, role) if source.stage.startswith("round_") else getattr(cfg.chain, f"round1_{role}")
+        uri, step = pick_checkpoint(source, choice, f"round {round_index}'s {role}")
+        if role == "generator" and source.stage == "warmup" and cfg.model.generator_init:
+            uri, choice = given_checkpoint(cfg, "generator_init"), "model.generator_init"
+        chosen[role] = uri
+        lineage.update({role: uri, f"{role}_from": getattr(st, f"{role}_from"), f"{role}_stage": source.stage,
+                        f"{role}_checkpoint": choice, f"{role}_step": step})
 
-    label_cfg = cfg.round_label_config(round_index, generator)
-    train_cfg = cfg.round_train_config(round_index, init)
-    lineage = {"generator": generator, "generator_from": st.generator_from, "init": init,
-               "init_from": st.init_from, "label_store": label_cfg.store}
+    label_cfg = cfg.round_label_config(round_index, chosen["generator"])
+    train_cfg = cfg.round_train_config(round_index, chosen["init"])
     run_id = tracker.stage_run(stage)
     tracker.log_config(run_id, {"labels": config_lib.to_dict(label_cfg), "train": config_lib.to_dict(train_cfg),
                                 "lineage": lineage})
@@ -200,7 +238,7 @@ def run_round(cfg: ExperimentConfig, round_index: int, tracker: ExperimentTracke
     record = _train_tracked(cfg, stage, run_id, tracker, train_cfg)
     stats = manifest["statistics"]
     record.metrics.update({"pseudo/coverage": stats["coverage_all"], "pseudo/precision": stats["precision_all"]})
-    record.lineage = lineage
+    record.lineage = {**lineage, "steps": train_cfg.iterations}
     tracker.finish(run_id)
     return _write_record(cfg, record)
 
@@ -218,7 +256,7 @@ def run_source_free(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageR
     run_id = tracker.stage_run("stvm")
     tracker.log_config(run_id, config_lib.to_dict(train_cfg))
     record = _train_tracked(cfg, "stvm", run_id, tracker, train_cfg)
-    record.lineage = {"init": warmup.checkpoint}
+    record.lineage = {"init": warmup.checkpoint, "steps": train_cfg.iterations}
     tracker.finish(run_id)
     return _write_record(cfg, record)
 
@@ -295,7 +333,28 @@ def preconditions(records: list[StageRecord], key: str = "mIoU-19") -> str:
     return "\n".join(lines)
 
 
+def adaptation_records(cfg: ExperimentConfig) -> list[StageRecord]:
+    """The finished records of the adaptation's stages (the rounds, or stvm), in order."""
+    stages = ["stvm"] if cfg.source_free else [f"round_{r}" for r in range(1, len(cfg.self_training.rounds) + 1)]
+    return [r for r in (read_record(cfg, stage) for stage in stages) if r is not None]
+
+
+def best_on_val(cfg: ExperimentConfig, records: list[StageRecord]) -> tuple[StageRecord, str] | None:
+    """The record and URI of the best weights on val over all the adaptation's stages
+    (each stage's best, by ``val_metric``), as the released figure is chosen; None
+    without periodic validation."""
+    key = f"best/val/{cfg.val_metric}"
+    kept = [r for r in records if "best" in r.checkpoints and key in r.metrics]
+    if not kept:
+        return None
+    record = max(kept, key=lambda r: r.metrics[key])
+    return record, record.checkpoints["best"]
+
+
 def run_final_eval(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRecord:
+    """Multi-scale evaluation (final_eval.sizes) of the adaptation's last weights and, with
+    periodic validation, of its best on val; ``val/...`` is chain.report's, ``last/val/...``
+    and ``best/val/...`` both, ``flip/val/...`` the headline with flip (final_eval.report_flip)."""
     record = read_record(cfg, "final_eval")
     if record is not None:
         return record
@@ -303,16 +362,36 @@ def run_final_eval(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRe
     if last is None:
         raise RuntimeError(f"the final evaluation needs {cfg.adaptation_stage} to be finished: run "
                            "jobs/run_experiment.py")
+    evaluated = {"last": (last, last.checkpoint)}
+    best = best_on_val(cfg, adaptation_records(cfg))
+    if best is not None:
+        evaluated["best"] = best
+    headline = cfg.chain.report if cfg.chain.report in evaluated else "last"
     run_id = tracker.stage_run("final_eval")
-    tracker.log_config(run_id, {"checkpoint": last.checkpoint, "sizes": [list(x) for x in cfg.final_eval.sizes],
-                                "flip": cfg.final_eval.flip})
-    cm = evaluate_checkpoint(cfg, last.checkpoint)
-    print(cm.table(), flush=True)
-    metrics = _val_metrics({f"val/{k}": v for k, v in cm.summary().items()})
-    tracker.log_validation(run_id, metrics)
-    tracker.set_tags(run_id, checkpoint_uri=last.checkpoint)
+    tracker.log_config(run_id, {"checkpoint": evaluated[headline][1], "report": headline,
+                                "checkpoints": {k: v[1] for k, v in evaluated.items()},
+                                "sizes": [list(x) for x in cfg.final_eval.sizes], "flip": cfg.final_eval.flip,
+                                "report_flip": cfg.final_eval.report_flip, "protocol": cfg.protocol})
+    metrics, lineage = {}, {"evaluated": evaluated[headline][0].stage, "report": headline, "protocol": cfg.protocol}
+
+    def evaluate(name: str, uri: str, flip: bool) -> dict:
+        cm = evaluate_checkpoint(cfg, uri, flip=flip)
+        print(f"final evaluation: {name} ({uri}, flip {'on' if flip else 'off'})\n{cm.table()}", flush=True)
+        return _val_metrics({f"val/{k}": v for k, v in cm.summary().items()})
+
+    for name, (source, uri) in evaluated.items():
+        values = evaluate(name, uri, cfg.final_eval.flip)
+        metrics.update({f"{name}/{k}": v for k, v in values.items()})
+        lineage[f"{name}_stage"] = source.stage
+        if name == headline:
+            metrics.update(values)
+    if cfg.final_eval.report_flip and not cfg.final_eval.flip:
+        metrics.update({f"flip/{k}": v for k, v in evaluate("flip", evaluated[headline][1], True).items()})
+    tracker.log_validation(run_id, {k: v for k, v in metrics.items() if k.startswith("val/")})
+    tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if not k.startswith("val/")})
+    tracker.set_tags(run_id, checkpoint_uri=evaluated[headline][1])
     tracker.finish(run_id)
-    return _write_record(cfg, StageRecord("final_eval", last.checkpoint, metrics, {"evaluated": last.stage}))
+    return _write_record(cfg, StageRecord("final_eval", evaluated[headline][1], metrics, lineage))
 
 
 STAGES_FIGURE = "figures/stages_on_val.png"

@@ -23,7 +23,6 @@ restarts failed workers from it.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ import torch
 
 from pipeline import config as config_lib
 from pipeline import distributed, storage
+from pipeline.schedule import cosine_factor, group_floor
 from pipeline.data.datasets import DataConfig, Sample, load_image, load_label
 from pipeline.data.transforms import eval_transform
 from pipeline.evaluation import ConfusionMatrix, predict_probs
@@ -53,6 +53,7 @@ from pipeline.models import (
 )
 
 CHECKPOINT_FILE = "checkpoint.pt"
+VAL_METRICS = ("mIoU-19", "mIoU-16", "mIoU-13", "pixel_accuracy")  # what "best" may be measured by
 Stage = Literal["source_only", "adversarial", "self_training", "oracle", "stvm"]
 
 
@@ -76,7 +77,12 @@ class TrainConfig:
     batch_size: int = 8  # global, split over the workers
     backbone_lr_mult: float = 0.1
     weight_decay: float = 5e-4
-    final_lr_ratio: float = 0.001  # cosine schedule from lr to final_lr_ratio * lr
+    final_lr_ratio: float = 0.001  # the cosine's floor, a fraction of the lr (see lr_floor_of)
+    # The cosine's period as a factor of the stage's length: 1 anneals to the floor at the
+    # last step; the released rounds use 1.5 (T_MAX 3 epochs for 2-epoch rounds) and end
+    # at 0.251x their lr (pipeline.schedule).
+    cosine_period: float = 1.0
+    lr_floor_of: Literal["group", "head"] = "group"  # released: "head" (eta_min = 0.001 * LR)
     crop_size: tuple[int, int] = (1024, 512)  # (width, height) fed to the network
     source_crop_heights: tuple[int, int] = (341, 950)  # random sized crop, pixels
     target_crop_heights: tuple[int, int] = (341, 1000)
@@ -93,7 +99,22 @@ class TrainConfig:
     stvm: STvMConfig | None = None  # STvM's settings (stage stvm; default STvMConfig())
     adversarial_weight: float = 0.05
     discriminator_lr: float = 2e-5
+    discriminator_betas: tuple[float, float] = (0.9, 0.99)  # AdaptSegNet's; released IAST: (0.9, 0.999)
+    # "cosine": the discriminator's lr follows the student's schedule (released IAST), with
+    # the same period and floor; "constant": it stays at discriminator_lr (AdaptSegNet).
+    discriminator_schedule: Literal["constant", "cosine"] = "constant"
     checkpoint_every: int = 500
+    # Validate on `val` every this many steps as well as at the end (0: at the end only),
+    # and keep the best weights by val/<val_metric> outside the checkpoint rotation
+    # (kept_checkpoint(cfg, "best")): the released chain selects checkpoints this way.
+    val_every: int = 0
+    val_metric: str = "mIoU-19"
+    # Steps whose weights are kept outside the rotation (kept_checkpoint(cfg, "step_<N>")):
+    # the released chain labels round r+1 with round r's step 2800 and starts it from 6000.
+    keep_steps: tuple[int, ...] = ()
+    # With several workers, batch norm over all their batches together (torch's
+    # SyncBatchNorm; GlooSyncBatchNorm on the CPU), as one GPU at the global batch would.
+    sync_batchnorm: bool = True
     log_every: int = 50
     num_workers: int = 1
     use_gpu: bool = False
@@ -126,6 +147,18 @@ class TrainConfig:
             raise ValueError(f"stvm settings apply to stage stvm only, not to {self.stage}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.cosine_period < 1:
+            raise ValueError(f"cosine_period must be >= 1 (a factor of the stage's length; 1 anneals to the "
+                             f"floor at the end), got {self.cosine_period}")
+        if self.val_every < 0:
+            raise ValueError(f"val_every must be >= 0 (0: validate at the end only), got {self.val_every}")
+        if self.val_every and self.val is None:
+            raise ValueError("val_every is set but the stage has no val data to validate on")
+        if self.val_metric not in VAL_METRICS:
+            raise ValueError(f"val_metric must be one of {', '.join(VAL_METRICS)}, got {self.val_metric!r}")
+        outside = [s for s in self.keep_steps if not 1 <= s <= self.iterations]
+        if outside:
+            raise ValueError(f"keep_steps {outside} are outside the stage's steps 1..{self.iterations}")
         if self.batch_size % self.num_workers:
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by num_workers {self.num_workers}"
@@ -177,11 +210,11 @@ def _build(cfg: TrainConfig):
             group["lr"] = cfg.lr * cfg.backbone_lr_mult
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
-    def cosine(step: int) -> float:
-        progress = min(step, cfg.iterations) / cfg.iterations
-        return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def cosine(floor: float) -> Callable[[int], float]:
+        return lambda step: cosine_factor(step, cfg.iterations, cfg.cosine_period, floor)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    floors = [group_floor(cfg.final_lr_ratio, g["lr"], cfg.lr, cfg.lr_floor_of) for g in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [cosine(f) for f in floors])
     return model, optimizer, scheduler
 
 
@@ -270,7 +303,7 @@ class LocalSession:
             shutil.rmtree(old)
 
 
-def _save(session, cfg, step, student, optimizer, scheduler, modules, metrics):
+def _save(session, cfg, step, student, optimizer, scheduler, modules, metrics, best):
     """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all of them)."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = None
@@ -279,6 +312,7 @@ def _save(session, cfg, step, student, optimizer, scheduler, modules, metrics):
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "step": step,
+                "best": dict(best),
                 "config": config_lib.to_dict(cfg),
             }
             for name, (module, opt) in modules.items():
@@ -290,10 +324,11 @@ def _save(session, cfg, step, student, optimizer, scheduler, modules, metrics):
         session.report({"step": step, **metrics}, directory)
 
 
-def _restore(session, student, optimizer, scheduler, modules) -> int:
+def _restore(session, student, optimizer, scheduler, modules) -> tuple[int, dict]:
+    """The step to continue after, and the best validation so far ({} when none)."""
     with session.latest_checkpoint() as path:
         if path is None:
-            return 0
+            return 0, {}
         state = load_checkpoint(student, os.path.join(path, CHECKPOINT_FILE))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -301,10 +336,48 @@ def _restore(session, student, optimizer, scheduler, modules) -> int:
         module.load_state_dict(state[name])
         if opt is not None:
             opt.load_state_dict(state[f"{name}_optimizer"])
-    return int(state["step"])
+    return int(state["step"]), dict(state.get("best", {}))
+
+
+def kept_checkpoint(cfg: TrainConfig, name: str) -> str:
+    """URI of weights kept outside the checkpoint rotation: ``best`` (by val/<val_metric>)
+    or ``step_<N>`` (keep_steps). Weights only (a checkpoint of ours), with their step and
+    validation metrics."""
+    return storage.join(cfg.storage, cfg.name, "kept", f"{name}.pt")
+
+
+def _keep(cfg: TrainConfig, name: str, student, step: int, metrics: dict) -> None:
+    """Rank 0 writes kept weights; never a partial file where a whole one is expected."""
+    if distributed.rank() != 0:
+        return
+    uri = kept_checkpoint(cfg, name)
+    values = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+    if storage.scheme(uri) == "file":
+        partial = uri + ".partial"
+        save_checkpoint(partial, student, step=step, metrics=values)
+        os.replace(partial, uri)
+    else:  # an object store commits the object whole when the upload closes
+        save_checkpoint(uri, student, step=step, metrics=values)
 
 
 # -- evaluation -------------------------------------------------------------------------------
+
+
+def _validate(cfg: TrainConfig, method: Method, samples: list[Sample], device, step: int, final: bool) -> dict:
+    cm = evaluate_shard(method.model, samples, cfg, device)
+    metrics = {f"val/{k}": v for k, v in cm.summary().items()}
+    if distributed.rank() == 0:
+        if final:
+            print(f"[{cfg.name}] validation on {cfg.val.dataset} {cfg.val.split}:\n{cm.table()}", flush=True)
+        else:
+            print(f"[{cfg.name}] step {step}: val {cfg.val_metric} {100 * metrics[f'val/{cfg.val_metric}']:.2f}",
+                  flush=True)
+    return metrics
+
+
+def _better(metrics: dict, best: dict, key: str) -> bool:
+    value = metrics.get(key)
+    return value is not None and value == value and (not best or value > best["value"])  # NaN never wins
 
 
 def evaluate_shard(model, samples: list[Sample], cfg: TrainConfig, device) -> ConfusionMatrix:
@@ -337,17 +410,30 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] 
     rank = distributed.rank()
 
     student, optimizer, scheduler = _build(cfg)
+    synced = cfg.sync_batchnorm and distributed.world_size() > 1
+    if synced:  # before the method copies the student (a teacher)
+        student = distributed.sync_batchnorm(student, device)
     method: Method = method_class(cfg)(cfg, student, device)
     modules = method.modules()
     method.model = session.prepare(student)
-    start = _restore(session, student, optimizer, scheduler, modules)
+    start, best = _restore(session, student, optimizer, scheduler, modules)
     streams = method.streams(start)
     ctx = StepContext(uses_amp(cfg))
+    val_samples = cfg.val.samples() if cfg.val is not None else []
+    best_key = f"val/{cfg.val_metric}"
+
+    def validate(step: int, final: bool) -> dict:
+        nonlocal best
+        metrics = _validate(cfg, method, val_samples, device, step, final)
+        if cfg.val_every and _better(metrics, best, best_key):
+            best = {"step": step, "value": metrics[best_key]}
+            _keep(cfg, "best", student, step, metrics)
+        return metrics
 
     if rank == 0:
         print(f"[{cfg.name}] {cfg.stage} ({type(method).__name__}): steps {start}->{cfg.iterations}, "
-              f"{distributed.world_size()} worker(s), batch {cfg.batch_size}, batchnorm={cfg.batchnorm}, "
-              f"device={device}", flush=True)
+              f"{distributed.world_size()} worker(s), batch {cfg.batch_size}, batchnorm={cfg.batchnorm}"
+              f"{' (synchronised)' if synced else ''}, device={device}", flush=True)
     method.model.train()
     sums: dict[str, float] = {}
     metrics = None
@@ -375,11 +461,15 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] 
 
         if on_step is not None:
             on_step(step, method)
+        if step in cfg.keep_steps:
+            _keep(cfg, f"step_{step}", student, step, {})
         is_last = step == cfg.iterations
         metrics = None
+        if cfg.val_every and step % cfg.val_every == 0 and not is_last:
+            metrics = validate(step, final=False)
         if step % cfg.log_every == 0 or is_last:
             n = sums.pop("_n")
-            metrics = {f"train/{k}": v / n for k, v in sums.items()}
+            metrics = {**(metrics or {}), **{f"train/{k}": v / n for k, v in sums.items()}}
             metrics["train/lr"] = optimizer.param_groups[-1]["lr"]
             metrics["train/data_wait_fraction"] = wait / max(1e-9, wait + busy)
             metrics["train/steps_per_s"] = n / max(1e-9, time.perf_counter() - t_log)
@@ -392,7 +482,7 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] 
         if is_last:
             break  # the final report comes after validation
         if step % cfg.checkpoint_every == 0:
-            _save(session, cfg, step, student, optimizer, scheduler, modules, metrics or {})
+            _save(session, cfg, step, student, optimizer, scheduler, modules, metrics or {}, best)
         elif metrics is not None:  # every worker reports as often (Ray Train requires it)
             session.report({"step": step, **metrics}, None)
 
@@ -400,11 +490,10 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] 
     if start < cfg.iterations:
         final_metrics.update(method.summary())
     if cfg.val is not None:
-        cm = evaluate_shard(method.model, cfg.val.samples(), cfg, device)
-        final_metrics.update({f"val/{k}": v for k, v in cm.summary().items()})
-        if rank == 0:
-            print(f"[{cfg.name}] validation on {cfg.val.dataset} {cfg.val.split}:\n{cm.table()}", flush=True)
-    _save(session, cfg, cfg.iterations, student, optimizer, scheduler, modules, final_metrics)
+        final_metrics.update(validate(cfg.iterations, final=True))
+    if best:
+        final_metrics.update({"best/step": best["step"], f"best/{best_key}": best["value"]})
+    _save(session, cfg, cfg.iterations, student, optimizer, scheduler, modules, final_metrics, best)
     return final_metrics
 
 
@@ -422,6 +511,18 @@ def train_loop(loop_config: dict) -> None:
 class TrainResult:
     checkpoint: str  # URI of the final checkpoint file
     metrics: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)  # "best" / "step_<N>" -> URI (kept_checkpoint)
+
+
+def _kept(cfg: TrainConfig) -> dict[str, str]:
+    names = (["best"] if cfg.val_every else []) + [f"step_{s}" for s in sorted(cfg.keep_steps)]
+    uris = {name: kept_checkpoint(cfg, name) for name in names}
+    missing = [uri for uri in uris.values() if not storage.exists(uri)]
+    if missing:  # a stage resumed from an older run (other keep_steps) cannot make them now
+        raise RuntimeError(f"stage {cfg.name} finished without the kept weights {', '.join(missing)}: its "
+                           "checkpoints were made with other keep_steps/val_every; delete "
+                           f"{storage.join(cfg.storage, cfg.name)} to train it again")
+    return uris
 
 
 def fit(
@@ -456,7 +557,8 @@ def fit(
     result = trainer.fit()
     path = result.checkpoint.path
     uri = path if storage.scheme(cfg.storage) == "file" else f"{storage.scheme(cfg.storage)}://{path}"
-    return TrainResult(checkpoint=storage.join(uri, CHECKPOINT_FILE), metrics=dict(result.metrics or {}))
+    return TrainResult(checkpoint=storage.join(uri, CHECKPOINT_FILE), metrics=dict(result.metrics or {}),
+                       kept=_kept(cfg))
 
 
 def fit_local(cfg: TrainConfig, on_step: Callable[[int, Method], None] | None = None) -> TrainResult:
@@ -467,4 +569,4 @@ def fit_local(cfg: TrainConfig, on_step: Callable[[int, Method], None] | None = 
     session = LocalSession(cfg)
     metrics = run_stage(cfg, session, on_step)
     return TrainResult(checkpoint=os.path.join(session.checkpoints()[-1], CHECKPOINT_FILE),
-                       metrics={"step": cfg.iterations, **metrics})
+                       metrics={"step": cfg.iterations, **metrics}, kept=_kept(cfg))

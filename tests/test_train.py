@@ -233,3 +233,73 @@ def test_decoded_cache_decodes_each_sample_once_within_its_budget():
     image, _ = cache(0)
     with pytest.raises(ValueError, match="read-only"):
         image[0, 0, 0] = 7  # a transform writing into a cached sample fails loudly
+
+
+def test_periodic_validation_keeps_the_best_and_the_kept_steps_survive_rotation(benchmark_data, tmp_path):
+    from pipeline.models import build_model, load_checkpoint
+    from pipeline.train import fit_local, kept_checkpoint
+
+    weights = {}
+
+    def remember(step, method):
+        weights[step] = {k: v.clone() for k, v in method.student.state_dict().items()}
+
+    cfg = _cfg(tmp_path, benchmark_data, iterations=6, val=benchmark_data["val"], val_every=2, keep_steps=(3,),
+               eval_size=(64, 32))
+    result = fit_local(cfg, on_step=remember)
+    # the rotation kept the last two checkpoints (4, 6); step 3 and the best are kept beside them
+    assert sorted(os.listdir(tmp_path / "runs" / "run")) == ["checkpoint_000000004", "checkpoint_000000006", "kept"]
+    assert result.kept == {"best": kept_checkpoint(cfg, "best"), "step_3": kept_checkpoint(cfg, "step_3")}
+    model = build_model("deeplabv2_small", 19)
+    step3 = load_checkpoint(model, result.kept["step_3"])
+    assert step3["step"] == 3
+    assert all(torch.equal(v, weights[3][k]) for k, v in model.state_dict().items())
+    best = load_checkpoint(model, result.kept["best"])
+    assert best["step"] == result.metrics["best/step"] in (2, 4, 6)
+    assert best["metrics"]["val/mIoU-19"] == result.metrics["best/val/mIoU-19"] >= result.metrics["val/mIoU-19"]
+    assert all(torch.equal(v, weights[best["step"]][k]) for k, v in model.state_dict().items())
+
+
+def test_the_best_so_far_survives_a_resume(benchmark_data, tmp_path):
+    from pipeline.train import fit_local
+
+    cfg = _cfg(tmp_path, benchmark_data, iterations=4, val=benchmark_data["val"], val_every=2, eval_size=(64, 32))
+    whole = fit_local(cfg)
+
+    def stop_at_3(step, method):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    other = _cfg(tmp_path, benchmark_data, name="interrupted", iterations=4, val=benchmark_data["val"], val_every=2,
+                 eval_size=(64, 32))
+    with pytest.raises(KeyboardInterrupt):
+        fit_local(other, on_step=stop_at_3)
+    resumed = fit_local(other)  # from step 2's checkpoint, which carries the best so far
+    assert (resumed.metrics["best/step"], resumed.metrics["best/val/mIoU-19"]) == \
+        (whole.metrics["best/step"], whole.metrics["best/val/mIoU-19"])
+
+
+def test_stage_settings_of_the_released_protocol_are_checked(benchmark_data, tmp_path):
+    with pytest.raises(ValueError, match="keep_steps \\[9\\] are outside"):
+        _cfg(tmp_path, benchmark_data, keep_steps=(9,))
+    with pytest.raises(ValueError, match="no val data"):
+        _cfg(tmp_path, benchmark_data, val_every=2)
+    with pytest.raises(ValueError, match="val_metric"):
+        _cfg(tmp_path, benchmark_data, val=benchmark_data["val"], val_metric="mIoU-20")
+
+
+def test_the_discriminator_follows_the_students_cosine_when_asked(benchmark_data, tmp_path):
+    from pipeline.methods.adversarial import Adversarial
+    from pipeline.models import build_model
+
+    kw = dict(stage="adversarial", target=benchmark_data["target"], iterations=100, lr=2e-5, discriminator_lr=2e-5)
+    constant = Adversarial(_cfg(tmp_path, benchmark_data, **kw), build_model("deeplabv2_small", 19), torch.device("cpu"))
+    assert constant.discriminator_lr(1) == constant.discriminator_lr(100) == 2e-5
+    assert constant.d_optimizer.defaults["betas"] == (0.9, 0.99)
+    released = Adversarial(_cfg(tmp_path, benchmark_data, discriminator_schedule="cosine", lr_floor_of="head",
+                                discriminator_betas=(0.9, 0.999), **kw), build_model("deeplabv2_small", 19),
+                           torch.device("cpu"))
+    assert released.d_optimizer.defaults["betas"] == (0.9, 0.999)
+    assert released.discriminator_lr(1) == pytest.approx(2e-5)
+    assert released.discriminator_lr(51) == pytest.approx(1e-5, rel=1e-2)  # half-way down the cosine
+    assert released.discriminator_lr(101) == pytest.approx(2e-8)  # the floor: 0.001 x the student's lr

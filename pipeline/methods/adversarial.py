@@ -11,6 +11,7 @@ from pipeline.data import streams
 from pipeline.losses import adversarial_loss, cross_entropy, discriminator_loss
 from pipeline.methods.base import Method, uses_amp
 from pipeline.models.discriminator import OutputSpaceDiscriminator
+from pipeline.schedule import cosine_factor, group_floor
 
 
 class Adversarial(Method):
@@ -21,7 +22,7 @@ class Adversarial(Method):
         super().__init__(cfg, student, device)
         self.discriminator = OutputSpaceDiscriminator(cfg.num_classes).to(device)
         self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.discriminator_lr,
-                                            betas=(0.9, 0.99))
+                                            betas=tuple(cfg.discriminator_betas))
         self.d_scaler = torch.amp.GradScaler("cuda", enabled=uses_amp(cfg))
 
     def modules(self):
@@ -35,8 +36,19 @@ class Adversarial(Method):
                                       start, 1),
         }
 
+    def discriminator_lr(self, step: int) -> float:
+        """The discriminator's lr at (1-based) ``step``: constant, or the student's cosine
+        with the same period and floor (released IAST: eta_min 0.001 x the student's lr)."""
+        cfg = self.cfg
+        if cfg.discriminator_schedule == "constant":
+            return cfg.discriminator_lr
+        floor = group_floor(cfg.final_lr_ratio, cfg.discriminator_lr, cfg.lr, cfg.lr_floor_of)
+        return cfg.discriminator_lr * cosine_factor(step - 1, cfg.iterations, cfg.cosine_period, floor)
+
     def step(self, batch, ctx):
         cfg, discriminator = self.cfg, self.discriminator
+        for group in self.d_optimizer.param_groups:  # a function of the step: a resumed run repeats it
+            group["lr"] = self.discriminator_lr(ctx.step)
         x, y = batch["main"]
         xt = batch["target"][0]
         with ctx.autocast():
