@@ -7,6 +7,10 @@ STAMP  := $(VENV)/.installed
 OUT    ?= outputs/benchmark          # where the demo writes (and mlflow-ui reads)
 DATA   ?= data/benchmark
 GTA5       ?= data/GTA5
+# reproduce-gta5 / reproduce-synthia follow the released protocol; PROTOCOL=clean lays
+# configs/protocols/clean.yaml over it (no checkpoint chosen on the target val set), in its
+# own output folder and MLflow experiment.
+PROTOCOL   ?= released
 SYNTHIA    ?= data/SYNTHIA
 CITYSCAPES ?= data/cityscapes
 IMAGENET   ?=                        # torchvision's resnet101-*.pth, for the reproductions
@@ -97,14 +101,16 @@ prepare-synthia: $(STAMP)
 prepare-cityscapes: $(STAMP)
 	$(PY) jobs/prepare_data.py --dataset cityscapes --root $(CITYSCAPES)
 
+protocol = $(if $(filter clean,$(PROTOCOL)),--config configs/protocols/clean.yaml name=$(1)_clean output=outputs/$(1)_clean,$(if $(filter released,$(PROTOCOL)),,$(error PROTOCOL must be released or clean, got $(PROTOCOL))))
+
 reproduce-gta5: $(STAMP)
 	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
-	$(PY) jobs/run_experiment.py --config configs/gta5_cityscapes.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
+	$(PY) jobs/run_experiment.py --config configs/gta5_cityscapes.yaml $(call protocol,gta5_cityscapes) model.imagenet_backbone=$(strip $(IMAGENET)) \
 		data.source.root=$(GTA5) data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
 
 reproduce-synthia: $(STAMP)
 	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
-	$(PY) jobs/run_experiment.py --config configs/synthia_cityscapes.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
+	$(PY) jobs/run_experiment.py --config configs/synthia_cityscapes.yaml $(call protocol,synthia_cityscapes) model.imagenet_backbone=$(strip $(IMAGENET)) \
 		data.source.root=$(SYNTHIA) data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
 
 # Source-free STvM from a finished source-only checkpoint (e.g. reproduce-gta5's).

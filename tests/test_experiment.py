@@ -48,3 +48,61 @@ def test_a_held_out_source_split_is_optional_and_checked_when_given(tmp_path):
                       [f"output={tmp_path / 'out'}", f"data.source_val.root={tmp_path / 'nowhere'}"])
     with pytest.raises(FileNotFoundError, match="nowhere"):
         cfg.data.source_val.samples()
+
+
+REPRODUCTIONS = {"configs/gta5_cityscapes.yaml": (6234, 2800, 6000), "configs/synthia_cityscapes.yaml": (2350, 800, 2000)}
+
+
+@pytest.mark.parametrize("path", sorted(REPRODUCTIONS))
+def test_the_reproduction_configs_carry_the_released_protocol(path, tmp_path):
+    steps, generator, init = REPRODUCTIONS[path]
+    cfg = config.load(ExperimentConfig, path, [f"output={tmp_path / 'out'}"])
+    assert cfg.protocol == "released"
+    assert not cfg.final_eval.flip and cfg.final_eval.report_flip  # released: no flip; with flip reported apart
+    assert cfg.chain.report == "best" and cfg.chain.adversarial_init == "best" and cfg.chain.round1_generator == "best"
+    source_only, adversarial = cfg.warmup_config("source_only", None), cfg.warmup_config("adversarial", "/w.pt")
+    assert (source_only.val_every, source_only.eval_size, source_only.cosine_period) == (500, (1024, 512), 1.0)
+    assert (adversarial.val_every, adversarial.eval_size) == (400, (1280, 640))
+    assert adversarial.discriminator_betas == (0.9, 0.999) and adversarial.discriminator_schedule == "cosine"
+    rounds = [cfg.round_train_config(r, "/w.pt") for r in (1, 2, 3)]
+    for train in rounds:
+        assert (train.iterations, train.cosine_period, train.lr_floor_of) == (steps, 1.5, "head")
+        assert (train.val_every, train.eval_size) == (400, (1536, 768))
+    # round r's steps that label and start round r+1 are kept; the last round's are not needed
+    assert [r.keep_steps for r in rounds] == [(generator, init), (generator, init), ()]
+    assert source_only.keep_steps == adversarial.keep_steps == ()
+    label = cfg.round_label_config(1, "/w.pt")
+    assert (label.selector.instance_size, label.order, label.resize) == (2, "released_permutation", "lanczos")
+    cfg.check_stages()
+    cfg.check_chain()
+
+
+def test_the_clean_protocol_chooses_nothing_on_the_target_val_set(tmp_path):
+    cfg = config.load(ExperimentConfig, ["configs/gta5_cityscapes.yaml", "configs/protocols/clean.yaml"],
+                      [f"output={tmp_path / 'out'}"])
+    assert cfg.protocol == "clean"
+    assert {getattr(cfg.chain, k) for k in ("adversarial_init", "round1_generator", "round1_init", "generator",
+                                             "init", "report")} == {"last"}
+    assert cfg.source_only.val_every == cfg.adversarial.val_every == cfg.self_training.val_every == 0
+    assert [cfg.round_train_config(r, "/w.pt").keep_steps for r in (1, 2, 3)] == [(), (), ()]
+    # what the overlay leaves alone stays released
+    assert cfg.self_training.cosine_period == 1.5 and cfg.self_training.iterations == 6234
+    assert not cfg.final_eval.flip and cfg.final_eval.report_flip
+
+
+def test_a_chain_choice_that_no_stage_keeps_is_refused_before_any_work(tmp_path):
+    base = ["configs/gta5_cityscapes.yaml"]
+    cases = {
+        "self_training.val_every=0": "round_2 generator takes 'best'",
+        "adversarial.val_every=0": "adversarial keeps no best checkpoint; set adversarial.val_every",
+        "chain.generator=7000": "round_1 runs 6234 steps only",
+        "chain.init=0": "chain.init must be last, best or a step >= 1",
+    }
+    for override, message in cases.items():
+        extra = ["chain.generator=best"] if override == "self_training.val_every=0" else []
+        with pytest.raises(ValueError, match=message):
+            config.load(ExperimentConfig, base, [f"output={tmp_path / 'out'}", override, *extra]).check_chain()
+    given = config.load(ExperimentConfig, base, [f"output={tmp_path / 'out'}", "source_only.iterations=0",
+                                                 "adversarial.iterations=0", "model.init=/w/m.pt"])
+    with pytest.raises(ValueError, match="the warm-up is model.init, a single file"):
+        given.check_chain()

@@ -364,3 +364,41 @@ def test_preconditions_report_what_the_records_show():
     text = preconditions(records)
     assert "P1 learnable" in text and text.count("NOT met") == 2
     assert preconditions([rec("source_only", **{"val__mIoU-19": 0.3})]) == ""  # nothing to compare with
+
+
+def test_the_released_chain_takes_the_configured_checkpoints(ray_cluster, benchmark_data, tmp_path):
+    """The released protocol on tiny data: periodic validation, best and kept steps, and
+    each link's checkpoint, read back from the stage records."""
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{
+        "source_only.val_every": 2, "source_only.val_size": [64, 32],
+        "adversarial": {"iterations": 2, "lr": 1e-4, "batch_size": 2, "checkpoint_every": 2},
+        "self_training.iterations": 4, "self_training.val_every": 2, "self_training.cosine_period": 1.5,
+        "self_training.instance_size": 2, "self_training.label_order": "released_permutation",
+        "chain": {"adversarial_init": "best", "round1_generator": "last", "round1_init": "last",
+                  "generator": 1, "init": 3, "report": "best"},
+        "final_eval": {"flip": False, "report_flip": True},
+        "lr_floor_of": "head", "protocol": "released",
+    })
+    records = {r.stage: r for r in run_experiment(cfg, _tracker(cfg))}
+    source_only, adversarial = records["source_only"], records["adversarial"]
+    assert source_only.metrics["best/step"] in (2, 4) and set(source_only.checkpoints) == {"best"}
+    assert adversarial.lineage["init"] == source_only.checkpoints["best"]
+    assert adversarial.lineage["init_step"] == source_only.metrics["best/step"]
+    r1, r2 = records["round_1"], records["round_2"]
+    assert (r1.lineage["generator"], r1.lineage["generator_stage"], r1.lineage["generator_step"]) == \
+        (adversarial.checkpoint, "adversarial", 2)
+    assert set(r1.checkpoints) == {"best", "step_1", "step_3"}  # what round 2 takes, kept beside the last
+    assert (r2.lineage["generator"], r2.lineage["generator_step"]) == (r1.checkpoints["step_1"], 1)
+    assert (r2.lineage["init"], r2.lineage["init_step"]) == (r1.checkpoints["step_3"], 3)
+    assert set(r2.checkpoints) == {"best"}  # the last round keeps no steps
+    # the headline is the best on val over both rounds, evaluated beside the last and with flip
+    final = records["final_eval"]
+    best_round = max((r1, r2), key=lambda r: r.metrics["best/val/mIoU-19"])
+    assert final.lineage["report"] == "best" and final.lineage["best_stage"] == best_round.stage
+    assert final.checkpoint == best_round.checkpoints["best"]
+    assert final.metrics["val/mIoU-19"] == final.metrics["best/val/mIoU-19"]
+    assert {"last/val/mIoU-19", "flip/val/mIoU-19"} <= set(final.metrics)
+    runs = MlflowClient(default_tracking_uri(cfg.output)).search_runs(
+        [_tracker(cfg).experiment_id], "tags.stage = 'round_2'")
+    assert runs[0].data.params["lineage.init_step"] == "3"
+    assert runs[0].data.params["train.cosine_period"] == "1.5"
