@@ -45,6 +45,7 @@ from pipeline.visualize import preview_row, save_png
 SELECTORS = ("ias", "cbst", "constant")
 LABEL_VALUES = ("prediction", "ground_truth", "correct_only")
 ORDERS = ("sorted", "released_permutation")
+RESIZE_FILTERS = {"bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
 
 
 @dataclass
@@ -108,12 +109,17 @@ class PseudoLabelConfig:
     # with shuffle=True, seed 0, epoch 0): torch.randperm of the sorted list, seeded order_seed.
     order: str = "sorted"
     order_seed: int = 0
+    # PIL filter resizing the image to the generator's input; the released code used Lanczos
+    # (Image.ANTIALIAS). The ground truth is always resized nearest neighbour.
+    resize: str = "bilinear"
 
     def __post_init__(self):
         self.store = storage.absolute(self.store)
         self.checkpoint = storage.absolute(self.checkpoint)
         if self.order not in ORDERS:
             raise ValueError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if self.resize not in RESIZE_FILTERS:
+            raise ValueError(f"unknown resize {self.resize!r}; choose one of {', '.join(RESIZE_FILTERS)}")
 
 
 # -- stage 1: predictions --------------------------------------------------------------
@@ -127,9 +133,10 @@ def _input_size(cfg: PseudoLabelConfig) -> tuple[int, int]:
     return tuple(max(cfg.test_sizes, key=lambda s: s[0] * s[1]))
 
 
-def _load_images(batch: dict, size: tuple[int, int], image_size: tuple[int, int] | None = None) -> dict:
-    """Ray Data task: decode target images at ``image_size`` (default: ``size``) and any
-    ground truth at the pseudo-label ``size``.
+def _load_images(batch: dict, size: tuple[int, int], image_size: tuple[int, int] | None = None,
+                 resize: str = "bilinear") -> dict:
+    """Ray Data task: decode target images at ``image_size`` (default: ``size``, resized
+    with the ``resize`` filter) and any ground truth at the pseudo-label ``size``.
 
     An unreadable file does not fail the task: its error travels with its row, so the
     driver first saves every finished part before it, then fails (or skips it).
@@ -141,10 +148,11 @@ def _load_images(batch: dict, size: tuple[int, int], image_size: tuple[int, int]
     gts = np.full((n, h, w), IGNORE_INDEX, np.uint8)
     has_gt = np.zeros(n, bool)
     errors = np.full(n, "", dtype=object)
+    image_filter = RESIZE_FILTERS[resize]
     for i in range(n):
         try:
             image = load_image(batch["image"][i])
-            images[i] = np.asarray(Image.fromarray(image).resize((iw, ih), Image.BILINEAR))
+            images[i] = np.asarray(Image.fromarray(image).resize((iw, ih), image_filter))
             if batch["label"][i]:
                 label = load_label(batch["label"][i])
                 gts[i] = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
@@ -239,6 +247,8 @@ def prediction_settings(cfg: PseudoLabelConfig, samples: list[Sample]) -> dict:
     if cfg.order != "sorted":  # the parts hold other images, and IAS runs in another order
         settings["order"] = cfg.order
         settings["order_seed"] = cfg.order_seed
+    if cfg.resize != "bilinear":  # another generator input
+        settings["resize"] = cfg.resize
     return settings
 
 
@@ -275,7 +285,7 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
     try:
         ds = (
             ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 8 * cfg.num_workers)))
-            .map_batches(_load_images, fn_args=(tuple(cfg.size), _input_size(cfg)), batch_size=8)
+            .map_batches(_load_images, fn_args=(tuple(cfg.size), _input_size(cfg), cfg.resize), batch_size=8)
             .map_batches(
                 _Predictor,
                 fn_constructor_args=(cfg,),

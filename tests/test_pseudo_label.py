@@ -18,6 +18,7 @@ from pipeline.models import build_model, load_checkpoint
 from pipeline.pseudo_label import (
     PseudoLabelConfig,
     SelectorConfig,
+    _load_images,
     labelling_order,
     prediction_settings,
     run,
@@ -74,16 +75,33 @@ def test_released_permutation_is_the_seeded_randperm_of_the_sorted_list():
     assert labelling_order(samples, "released_permutation", 1) != order  # order_seed is used
 
 
-def test_order_choice_is_checked_and_only_hashed_when_not_the_default(benchmark_data, small_checkpoint):
+def test_order_and_resize_choices_are_checked_and_only_hashed_when_not_the_default(benchmark_data, small_checkpoint):
     target = benchmark_data["target"]
-    with pytest.raises(ValueError, match="unknown order 'random'; choose one of sorted, released_permutation"):
-        _cfg("s", target, small_checkpoint, order="random")
+    for key, value, choices in (("order", "random", "sorted, released_permutation"),
+                                ("resize", "bicubic", "bilinear, lanczos")):
+        with pytest.raises(ValueError, match=f"unknown {key} '{value}'; choose one of {choices}"):
+            _cfg("s", target, small_checkpoint, **{key: value})
     samples = sorted(target.samples(), key=lambda s: s.name)
     default = prediction_settings(_cfg("s", target, small_checkpoint), samples)
-    assert not {"order", "order_seed"} & default.keys()  # existing stores keep their hashes
-    settings = prediction_settings(_cfg("s", target, small_checkpoint, order="released_permutation"), samples)
-    assert {k: settings.pop(k) for k in ("order", "order_seed")} == {"order": "released_permutation", "order_seed": 0}
+    assert not {"order", "order_seed", "resize"} & default.keys()  # existing stores keep their hashes
+    released = _cfg("s", target, small_checkpoint, order="released_permutation", resize="lanczos")
+    settings = prediction_settings(released, samples)
+    assert {k: settings.pop(k) for k in ("order", "order_seed", "resize")} == {
+        "order": "released_permutation", "order_seed": 0, "resize": "lanczos"}
     assert settings == default
+
+
+def test_lanczos_resizes_the_labelling_input_with_another_filter(benchmark_data):
+    sample = sorted(benchmark_data["target"].samples(), key=lambda s: s.name)[0]
+    batch = {"index": np.arange(1), "image": np.array([sample.image], object), "label": np.array([sample.label], object)}
+    bilinear = _load_images(batch, (128, 64))
+    lanczos = _load_images(batch, (128, 64), resize="lanczos")
+    original = Image.fromarray(load_image(sample.image))
+    assert original.size == (256, 128)  # a real downscale
+    np.testing.assert_array_equal(bilinear["image"][0], np.asarray(original.resize((128, 64), Image.BILINEAR)))
+    np.testing.assert_array_equal(lanczos["image"][0], np.asarray(original.resize((128, 64), Image.LANCZOS)))
+    assert not np.array_equal(bilinear["image"], lanczos["image"])
+    np.testing.assert_array_equal(bilinear["ground_truth"], lanczos["ground_truth"])  # nearest either way
 
 
 def test_store_contents_and_statistics(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
@@ -175,6 +193,25 @@ def test_released_permutation_orders_the_selection_whatever_the_workers(
     assert by_name["config_hash"] != one["config_hash"]
     with pytest.raises(FileExistsError, match="other settings"):  # a store of the other order is not reused
         run(_cfg(tmp_path / "sorted", target, small_checkpoint, **permuted))
+
+
+def test_lanczos_reaches_the_generator(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
+    manifest = run(_cfg(tmp_path / "s", benchmark_data["target"], small_checkpoint, resize="lanczos",
+                        selector=SelectorConfig("constant")))
+    assert manifest["prediction_settings"]["resize"] == "lanczos"
+    _, predictions = _store_rows(str(tmp_path / "s"))
+    model = build_model("deeplabv2_small", 19)
+    load_checkpoint(model, small_checkpoint)
+    for p in predictions[:3]:
+        image = Image.fromarray(load_image(p["image"]))
+        confidence = np.frombuffer(p["confidence"], "<f2").astype(np.float32).reshape(64, 128)
+        expected = {}
+        for name, resample in (("bilinear", Image.BILINEAR), ("lanczos", Image.LANCZOS)):
+            x = normalize(torch.from_numpy(np.array(image.resize((128, 64), resample)))[None])
+            with torch.no_grad():
+                expected[name] = predict_probs(model, x, output_size=(128, 64))[0].max(0).values.numpy()
+        np.testing.assert_allclose(confidence, expected["lanczos"], atol=5e-4)  # float16 storage
+        assert np.abs(confidence - expected["bilinear"]).max() > 1e-2
 
 
 def _copy_target(benchmark_data, tmp_path):
