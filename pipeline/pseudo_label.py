@@ -5,12 +5,16 @@ Two stages, so that the labels do not depend on how many workers made them:
 1. **Predict** (parallel). Ray Data decodes the target images in CPU tasks and runs the
    generator in an actor pool (one model per actor). Each actor runs the model one image
    at a time, so a prediction never depends on which images shared its batch. The
-   driver receives the results in canonical order (``preserve_order``) and writes them
+   driver receives the results in labelling order (``preserve_order``) and writes them
    as prediction parts of ``part_size`` images. Parts already written by a run with the
    same configuration are kept, so a crashed job resumes where it stopped.
-2. **Select** (sequential, cheap). The selector walks the predictions in canonical
+2. **Select** (sequential, cheap). The selector walks the predictions in labelling
    order — IAS's thresholds are a running state over that order — and writes the label
    parts, then the manifest that marks the store complete.
+
+The labelling order is the canonical one (sorted by name), or with ``order:
+released_permutation`` the released code's: a seeded permutation of the sorted list.
+Either way it is fixed before prediction, so it does not depend on the workers either.
 
 The store format is documented in :mod:`pipeline.label_store`.
 """
@@ -40,6 +44,8 @@ from pipeline.visualize import preview_row, save_png
 
 SELECTORS = ("ias", "cbst", "constant")
 LABEL_VALUES = ("prediction", "ground_truth", "correct_only")
+ORDERS = ("sorted", "released_permutation")
+RESIZE_FILTERS = {"bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
 
 
 @dataclass
@@ -98,10 +104,22 @@ class PseudoLabelConfig:
     skip_unreadable: bool = False  # skip (and count) unreadable images instead of failing
     num_previews: int = 4
     round: int = 1
+    # The order images are labelled in, which IAS's running thresholds follow: "sorted" (by
+    # name) or "released_permutation", the released labelling loader's (a DistributedSampler
+    # with shuffle=True, seed 0, epoch 0): torch.randperm of the sorted list, seeded order_seed.
+    order: str = "sorted"
+    order_seed: int = 0
+    # PIL filter resizing the image to the generator's input; the released code used Lanczos
+    # (Image.ANTIALIAS). The ground truth is always resized nearest neighbour.
+    resize: str = "bilinear"
 
     def __post_init__(self):
         self.store = storage.absolute(self.store)
         self.checkpoint = storage.absolute(self.checkpoint)
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if self.resize not in RESIZE_FILTERS:
+            raise ValueError(f"unknown resize {self.resize!r}; choose one of {', '.join(RESIZE_FILTERS)}")
 
 
 # -- stage 1: predictions --------------------------------------------------------------
@@ -115,9 +133,10 @@ def _input_size(cfg: PseudoLabelConfig) -> tuple[int, int]:
     return tuple(max(cfg.test_sizes, key=lambda s: s[0] * s[1]))
 
 
-def _load_images(batch: dict, size: tuple[int, int], image_size: tuple[int, int] | None = None) -> dict:
-    """Ray Data task: decode target images at ``image_size`` (default: ``size``) and any
-    ground truth at the pseudo-label ``size``.
+def _load_images(batch: dict, size: tuple[int, int], image_size: tuple[int, int] | None = None,
+                 resize: str = "bilinear") -> dict:
+    """Ray Data task: decode target images at ``image_size`` (default: ``size``, resized
+    with the ``resize`` filter) and any ground truth at the pseudo-label ``size``.
 
     An unreadable file does not fail the task: its error travels with its row, so the
     driver first saves every finished part before it, then fails (or skips it).
@@ -129,10 +148,11 @@ def _load_images(batch: dict, size: tuple[int, int], image_size: tuple[int, int]
     gts = np.full((n, h, w), IGNORE_INDEX, np.uint8)
     has_gt = np.zeros(n, bool)
     errors = np.full(n, "", dtype=object)
+    image_filter = RESIZE_FILTERS[resize]
     for i in range(n):
         try:
             image = load_image(batch["image"][i])
-            images[i] = np.asarray(Image.fromarray(image).resize((iw, ih), Image.BILINEAR))
+            images[i] = np.asarray(Image.fromarray(image).resize((iw, ih), image_filter))
             if batch["label"][i]:
                 label = load_label(batch["label"][i])
                 gts[i] = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
@@ -224,7 +244,20 @@ def prediction_settings(cfg: PseudoLabelConfig, samples: list[Sample]) -> dict:
         settings["input_size"] = list(_input_size(cfg))
     if cfg.skip_unreadable:  # parts written while skipping lack rows a strict run must fail on
         settings["skip_unreadable"] = True
+    if cfg.order != "sorted":  # the parts hold other images, and IAS runs in another order
+        settings["order"] = cfg.order
+        settings["order_seed"] = cfg.order_seed
+    if cfg.resize != "bilinear":  # another generator input
+        settings["resize"] = cfg.resize
     return settings
+
+
+def labelling_order(samples: list[Sample], order: str, seed: int = 0) -> list[Sample]:
+    """``samples`` (sorted by name) in the order they are labelled (see PseudoLabelConfig.order)."""
+    if order == "sorted":
+        return list(samples)
+    permutation = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    return [samples[i] for i in permutation.tolist()]
 
 
 def _ray_actor_args(cfg: PseudoLabelConfig) -> dict:
@@ -248,11 +281,11 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
     ]
     ctx = ray.data.DataContext.get_current()
     previous_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # parts are written in canonical order
+    ctx.execution_options.preserve_order = True  # parts are written in labelling order
     try:
         ds = (
             ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 8 * cfg.num_workers)))
-            .map_batches(_load_images, fn_args=(tuple(cfg.size), _input_size(cfg)), batch_size=8)
+            .map_batches(_load_images, fn_args=(tuple(cfg.size), _input_size(cfg), cfg.resize), batch_size=8)
             .map_batches(
                 _Predictor,
                 fn_constructor_args=(cfg,),
@@ -329,7 +362,7 @@ def _instances(records, size: int):
 
 
 def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images: int, metadata: dict) -> dict:
-    """Stage 2: selector over the predictions in canonical order; writes the label parts."""
+    """Stage 2: selector over the predictions in labelling order; writes the label parts."""
     k = cfg.num_classes
     thresholds_for = _threshold_source(cfg.selector, store, num_parts, k)
     instance_size = cfg.selector.instance_size if cfg.selector.name == "ias" else 1
@@ -428,7 +461,9 @@ def write_previews(previews, store_uri: str) -> list[str]:
 
 def run(cfg: PseudoLabelConfig) -> dict:
     """Make (or resume, or reuse) the label store of ``cfg``; returns its manifest."""
-    samples = sorted(cfg.target.samples(), key=lambda s: s.name)  # the canonical order
+    # The canonical order (by name), then the labelling order: prediction parts and the
+    # selection follow it, whatever the number of workers.
+    samples = labelling_order(sorted(cfg.target.samples(), key=lambda s: s.name), cfg.order, cfg.order_seed)
     if not samples:
         raise ValueError(f"no target images to pseudo-label in {cfg.target.root} ({cfg.target.split})")
     if not storage.exists(cfg.checkpoint):

@@ -17,7 +17,8 @@ from PIL import Image
 
 from pipeline.data.datasets import list_samples, load_label
 from pipeline.data.prepare import (
-    GTA5_BAD_FRAMES,
+    GTA5_RELEASED_EXCLUDED,
+    GTA5_RESIZED_LABELS,
     DatasetError,
     prepare,
     read_first_channel16,
@@ -152,29 +153,42 @@ def test_read_first_channel16_rejects_8bit_colour(tmp_path):
 # ---------------------------------------------------------------------------- GTA5
 
 
+def test_gta5_excludes_exactly_the_frames_the_released_list_leaves_out():
+    # data/gtav_train.json of the released code lists 24,941 of the 24,966 frames.
+    ranges = [(2154, 2158), (4634, 4637), (7115, 7119), (9683, 9688), (12050, 12054)]
+    assert GTA5_RELEASED_EXCLUDED == {f"{i:05d}" for a, b in ranges for i in range(a, b + 1)}
+    assert len(GTA5_RELEASED_EXCLUDED) == 25 and 24966 - 25 == 24941
+    assert {"02154", "02158", "09688", "12054"} <= GTA5_RELEASED_EXCLUDED
+    assert not {"02153", "02159", "09689", "15188", "17705"} & GTA5_RELEASED_EXCLUDED
+    assert GTA5_RESIZED_LABELS == {"15188", "17705"}  # kept, their labels resized
+
+
 def test_gta5_train_ids_lists_stats_and_bad_frames(tmp_path):
     root = tmp_path / "gta5"
-    labels = make_gta5(root)
-    # Known-bad frames: one with a label of another size, one without a label.
+    labels = make_gta5(root, names=("00001", "00002", "00003", "17705"))
+    # Frames the released list leaves out: one with a label of another size, one without a label.
+    write_rgb(root / "images" / "02154.png", 6, 8)
+    write_ids(root / "labels" / "02154.png", random_ids(CITYSCAPES_IDS, 5, 5))
+    write_rgb(root / "images" / "12054.png", 6, 8)
+    # Kept although its label is half the image's size: the label is resized, NEAREST.
+    small = random_ids(CITYSCAPES_IDS, 3, 4)
     write_rgb(root / "images" / "15188.png", 6, 8)
-    write_ids(root / "labels" / "15188.png", random_ids(CITYSCAPES_IDS, 5, 5))
-    write_rgb(root / "images" / "17705.png", 6, 8)
-    assert {"15188", "17705"} <= GTA5_BAD_FRAMES
+    write_ids(root / "labels" / "15188.png", small, palette=True)
+    labels["15188"] = small.repeat(2, axis=0).repeat(2, axis=1)
+    kept = ("00001", "00002", "00003", "15188", "17705")
 
     result = prepare("gta5", str(root), workers=2)
 
-    assert result.frames == {"train": 3}
-    assert result.excluded == ("15188", "17705")
+    assert result.frames == {"train": 5}
+    assert result.excluded == ("02154", "12054")
     lines = read_list(root / "lists" / "gta5_train.txt")
-    assert lines == [
-        [n, f"images/{n}.png", f"trainids/gta5/train/{n}.png"] for n in ("00001", "00002", "00003")
-    ]
+    assert lines == [[n, f"images/{n}.png", f"trainids/gta5/train/{n}.png"] for n in kept]
     for name, ids in labels.items():
         written = Image.open(root / "trainids" / "gta5" / "train" / f"{name}.png")
-        assert written.mode == "L"
+        assert written.mode == "L" and written.size == (8, 6)  # the image's size, 15188 too
         np.testing.assert_array_equal(np.asarray(written), GTA5_ID_TO_TRAIN[ids])
     stats = pq.read_table(root / "stats" / "gta5_train.parquet").to_pylist()
-    assert [row["name"] for row in stats] == ["00001", "00002", "00003"]
+    assert [row["name"] for row in stats] == list(kept)
     for row in stats:
         train = GTA5_ID_TO_TRAIN[labels[row["name"]]]
         counts = np.bincount(train.ravel(), minlength=256)
@@ -183,6 +197,17 @@ def test_gta5_train_ids_lists_stats_and_bad_frames(tmp_path):
         assert row["class_pixels"] == counts[:NUM_CLASSES].tolist()
         assert row["ignore_pixels"] == counts[255]
         assert sum(row["class_pixels"]) + row["ignore_pixels"] == 48
+
+
+def test_gta5_label_of_another_size_is_an_error_outside_the_released_exceptions(tmp_path):
+    root = tmp_path / "gta5"
+    make_gta5(root, names=("00001",))
+    for name in ("15187", "15188"):
+        write_rgb(root / "images" / f"{name}.png", 6, 8)
+        write_ids(root / "labels" / f"{name}.png", random_ids(CITYSCAPES_IDS, 3, 4))
+    with pytest.raises(DatasetError) as error:
+        prepare("gta5", str(root), workers=1)
+    assert error.value.problems == ["labels/15187.png: size 4x3 differs from image images/15187.png (8x6)"]
 
 
 # ---------------------------------------------------------------------------- SYNTHIA
@@ -406,12 +431,12 @@ def test_cli_exit_status_and_report(tmp_path, capsys):
 
 def test_cli_runs_as_a_script(tmp_path):
     root = tmp_path / "gta5"
-    make_gta5(root, names=("00001", "15188"))
+    make_gta5(root, names=("00001", "04634"))
     done = subprocess.run(
         [sys.executable, "jobs/prepare_data.py", "--dataset", "gta5", "--root", str(root),
          "--out", str(tmp_path / "out")],
         cwd=REPO, capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert "1 known-bad frame(s) excluded: 15188" in done.stdout
+    assert "1 known-bad frame(s) excluded: 04634" in done.stdout
     assert (tmp_path / "out" / "lists" / "gta5_train.txt").read_text().startswith("00001\t")

@@ -9,12 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.datasets import DataConfig, load_image
+from pipeline import selectors
+from pipeline.data.datasets import DataConfig, Sample, load_image
 from pipeline.data.transforms import normalize
 from pipeline.evaluation import predict_probs
 from pipeline.label_store import LabelStore, decode_label
 from pipeline.models import build_model, load_checkpoint
-from pipeline.pseudo_label import PseudoLabelConfig, SelectorConfig, run
+from pipeline.pseudo_label import (
+    PseudoLabelConfig,
+    SelectorConfig,
+    _load_images,
+    labelling_order,
+    prediction_settings,
+    run,
+)
 
 
 def _cfg(store, target, checkpoint, **kw):
@@ -45,6 +53,55 @@ def test_one_and_two_workers_give_identical_stores(ray_cluster, benchmark_data, 
     assert one["config_hash"] == two["config_hash"]
     # the IAS thresholds moved away from their 0.9 start for the predicted classes
     assert labels1[-1]["thresholds"] != [pytest.approx(0.9)] * 19
+
+
+# torch.randperm(10, generator seeded 0), the released labelling order of 10 sorted images
+# under this torch (the order may change with torch's randperm; the review checked it with
+# the same first images for Cityscapes train, see the test below).
+RELEASED_10 = [4, 1, 7, 5, 3, 9, 0, 8, 6, 2]
+
+
+def test_released_permutation_is_the_seeded_randperm_of_the_sorted_list():
+    names = [f"city_{i:06d}_000019" for i in range(2975)]
+    samples = [Sample(n, f"{n}.png", None) for n in names]
+    order = labelling_order(samples, "released_permutation", 0)
+    expected = torch.randperm(2975, generator=torch.Generator().manual_seed(0)).tolist()
+    assert [s.name for s in order] == [names[i] for i in expected]
+    # The released Cityscapes train list is sorted by name; its images 1894 and 1634 are
+    # monchengladbach_000000_033683 and jena_000035_000019, the first the review found.
+    assert [s.name for s in order[:3]] == [names[1894], names[1634], names[2416]], "torch's randperm changed"
+    assert [s.name for s in labelling_order(samples[:10], "released_permutation")] == [names[i] for i in RELEASED_10]
+    assert labelling_order(samples, "sorted") == samples
+    assert labelling_order(samples, "released_permutation", 1) != order  # order_seed is used
+
+
+def test_order_and_resize_choices_are_checked_and_only_hashed_when_not_the_default(benchmark_data, small_checkpoint):
+    target = benchmark_data["target"]
+    for key, value, choices in (("order", "random", "sorted, released_permutation"),
+                                ("resize", "bicubic", "bilinear, lanczos")):
+        with pytest.raises(ValueError, match=f"unknown {key} '{value}'; choose one of {choices}"):
+            _cfg("s", target, small_checkpoint, **{key: value})
+    samples = sorted(target.samples(), key=lambda s: s.name)
+    default = prediction_settings(_cfg("s", target, small_checkpoint), samples)
+    assert not {"order", "order_seed", "resize"} & default.keys()  # existing stores keep their hashes
+    released = _cfg("s", target, small_checkpoint, order="released_permutation", resize="lanczos")
+    settings = prediction_settings(released, samples)
+    assert {k: settings.pop(k) for k in ("order", "order_seed", "resize")} == {
+        "order": "released_permutation", "order_seed": 0, "resize": "lanczos"}
+    assert settings == default
+
+
+def test_lanczos_resizes_the_labelling_input_with_another_filter(benchmark_data):
+    sample = sorted(benchmark_data["target"].samples(), key=lambda s: s.name)[0]
+    batch = {"index": np.arange(1), "image": np.array([sample.image], object), "label": np.array([sample.label], object)}
+    bilinear = _load_images(batch, (128, 64))
+    lanczos = _load_images(batch, (128, 64), resize="lanczos")
+    original = Image.fromarray(load_image(sample.image))
+    assert original.size == (256, 128)  # a real downscale
+    np.testing.assert_array_equal(bilinear["image"][0], np.asarray(original.resize((128, 64), Image.BILINEAR)))
+    np.testing.assert_array_equal(lanczos["image"][0], np.asarray(original.resize((128, 64), Image.LANCZOS)))
+    assert not np.array_equal(bilinear["image"], lanczos["image"])
+    np.testing.assert_array_equal(bilinear["ground_truth"], lanczos["ground_truth"])  # nearest either way
 
 
 def test_store_contents_and_statistics(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
@@ -96,6 +153,65 @@ def test_rerun_of_a_complete_store_does_nothing_and_other_settings_are_refused(
     other = _cfg(tmp_path / "s", benchmark_data["target"], small_checkpoint, selector=SelectorConfig("cbst"))
     with pytest.raises(FileExistsError, match="other settings"):
         run(other)
+
+
+def test_released_permutation_orders_the_selection_whatever_the_workers(
+    ray_cluster, benchmark_data, small_checkpoint, tmp_path
+):
+    target = benchmark_data["target"]
+    # Without the hard-class exponent and with a short memory, the thresholds reach the random
+    # generator's confidences (at most ~0.17) within a few images: the order then shows in the labels.
+    ias = SelectorConfig("ias", alpha=0.2, beta=0.5, gamma=0.0)
+    permuted = dict(order="released_permutation", selector=ias)
+    by_name = run(_cfg(tmp_path / "sorted", target, small_checkpoint, selector=ias))
+    one = run(_cfg(tmp_path / "one", target, small_checkpoint, num_workers=1, **permuted))
+    two = run(_cfg(tmp_path / "two", target, small_checkpoint, num_workers=2, **permuted))
+    sorted_labels, sorted_preds = _store_rows(str(tmp_path / "sorted"))
+    labels1, preds1 = _store_rows(str(tmp_path / "one"))
+    labels2, preds2 = _store_rows(str(tmp_path / "two"))
+    names = [r["name"] for r in sorted_labels]
+    assert [r["name"] for r in labels1] == [names[i] for i in RELEASED_10]
+    # independent of the workers, bit for bit
+    assert labels1 == labels2 and preds1 == preds2
+    assert one["statistics"] == two["statistics"] and one["config_hash"] == two["config_hash"]
+    # The same predictions, labelled in another order: IAS's recursion follows the permutation.
+    fields = ("prediction", "confidence", "class_pixels", "ground_truth")
+    assert [{k: p[k] for k in fields} for p in preds1] == [
+        {k: sorted_preds[i][k] for k in fields} for i in RELEASED_10]
+    recursion = selectors.IAS(0.2, 0.5, 0.0, 19)
+    for p, row in zip(preds1, labels1):
+        conf = np.frombuffer(p["confidence"], "<f2").reshape(64, 128)
+        pred = np.frombuffer(p["prediction"], np.uint8).reshape(64, 128)
+        theta = recursion.update([conf], [pred])
+        assert row["thresholds"] == theta.astype(np.float32).tolist()
+        np.testing.assert_array_equal(decode_label(row), selectors.select(conf, pred, theta))
+    by_permuted = {r["name"]: r for r in labels1}
+    assert all(r["thresholds"] != by_permuted[r["name"]]["thresholds"] for r in sorted_labels)
+    changed = sum(int((decode_label(r) != decode_label(by_permuted[r["name"]])).sum()) for r in sorted_labels)
+    assert changed > 1000 and one["statistics"]["coverage_all"] > 0  # labels, not only thresholds
+    assert by_name["statistics"]["thresholds"] != one["statistics"]["thresholds"]
+    assert by_name["config_hash"] != one["config_hash"]
+    with pytest.raises(FileExistsError, match="other settings"):  # a store of the other order is not reused
+        run(_cfg(tmp_path / "sorted", target, small_checkpoint, **permuted))
+
+
+def test_lanczos_reaches_the_generator(ray_cluster, benchmark_data, small_checkpoint, tmp_path):
+    manifest = run(_cfg(tmp_path / "s", benchmark_data["target"], small_checkpoint, resize="lanczos",
+                        selector=SelectorConfig("constant")))
+    assert manifest["prediction_settings"]["resize"] == "lanczos"
+    _, predictions = _store_rows(str(tmp_path / "s"))
+    model = build_model("deeplabv2_small", 19)
+    load_checkpoint(model, small_checkpoint)
+    for p in predictions[:3]:
+        image = Image.fromarray(load_image(p["image"]))
+        confidence = np.frombuffer(p["confidence"], "<f2").astype(np.float32).reshape(64, 128)
+        expected = {}
+        for name, resample in (("bilinear", Image.BILINEAR), ("lanczos", Image.LANCZOS)):
+            x = normalize(torch.from_numpy(np.array(image.resize((128, 64), resample)))[None])
+            with torch.no_grad():
+                expected[name] = predict_probs(model, x, output_size=(128, 64))[0].max(0).values.numpy()
+        np.testing.assert_allclose(confidence, expected["lanczos"], atol=5e-4)  # float16 storage
+        assert np.abs(confidence - expected["bilinear"]).max() > 1e-2
 
 
 def _copy_target(benchmark_data, tmp_path):

@@ -3,7 +3,7 @@
 Layouts (paths relative to the dataset root; ``<name>`` is the frame name):
 
 - ``gta5``: ``images/<name>.png`` (RGB), ``labels/<name>.png`` (8-bit Cityscapes label
-  ids). All frames form the split ``train``, less ``GTA5_BAD_FRAMES``.
+  ids). All frames form the split ``train``, less ``GTA5_RELEASED_EXCLUDED``.
 - ``synthia`` (SYNTHIA-RAND-CITYSCAPES): ``RGB/<name>.png``, ``GT/LABELS/<name>.png``
   (16-bit PNG, class id in the first channel). All frames form ``train``.
 - ``cityscapes``: ``leftImg8bit/<split>/<city>/<name>_leftImg8bit.png`` and
@@ -75,12 +75,20 @@ from pipeline.labels import (
     SYNTHIA_KNOWN_IDS,
 )
 
-# GTA5 frames whose label does not fit its image, left out of every list. The released
-# IAST lists skip 25 such frames, but those lists are not public in a form we could check
-# (CBST's and AdaptSegNet's GTA5 lists keep all 24,966 frames). These two are the ones
-# public loaders exclude because image and label sizes differ; any other mismatched
-# frame is still reported as an error by the size check.
-GTA5_BAD_FRAMES = frozenset({"15188", "17705"})
+
+def _frames(first: int, last: int) -> set[str]:
+    return {f"{i:05d}" for i in range(first, last + 1)}
+
+
+# GTA5 frames left out of every list: the 25 that the released IAST list leaves out
+# (data/gtav_train.json in bupt-ai-cz/IAST-ECCV2020, 24,941 of the 24,966 frames).
+GTA5_RELEASED_EXCLUDED = frozenset(
+    _frames(2154, 2158) | _frames(4634, 4637) | _frames(7115, 7119) | _frames(9683, 9688) | _frames(12050, 12054)
+)
+# Frames whose label and image sizes differ but which the released list keeps: its loader
+# resizes the label to the image with NEAREST (code/sseg/datasets/loader/dataset.py:72-75),
+# and so does the conversion here. Any other size mismatch is still an error.
+GTA5_RESIZED_LABELS = frozenset({"15188", "17705"})
 
 # Label ids a file may contain: cityscapesScripts' table (ids 0..33; license plate, id
 # -1, is never drawn into label-id images) and SYNTHIA's documented class ids.
@@ -139,7 +147,7 @@ class Prepared:
     out: str
     frames: dict[str, int]  # split -> frames listed
     unlabeled: tuple[str, ...]  # splits prepared without labels
-    excluded: tuple[str, ...]  # known-bad frames left out (GTA5_BAD_FRAMES present)
+    excluded: tuple[str, ...]  # known-bad frames left out (those of GTA5_RELEASED_EXCLUDED present)
 
 
 # ---------------------------------------------------------------------------- layout
@@ -252,7 +260,7 @@ def scan(dataset: str, root: str) -> tuple[dict[str, list[Frame]], tuple[str, ..
         problems.append(f"{image_dir}/: no images")
     excluded: tuple[str, ...] = ()
     if dataset == "gta5":
-        excluded = tuple(sorted((images.keys() | labels.keys()) & GTA5_BAD_FRAMES))
+        excluded = tuple(sorted((images.keys() | labels.keys()) & GTA5_RELEASED_EXCLUDED))
         for name in excluded:
             images.pop(name, None)
             labels.pop(name, None)
@@ -377,7 +385,11 @@ def _prepare_frame(task: tuple[str, str, str, str, Frame]) -> _Result:
     except ValueError as e:
         result.problems.append(str(e))
         return result
-    if result.width and ids.shape != (result.height, result.width):
+    mismatched = result.width and ids.shape != (result.height, result.width)
+    if mismatched and dataset == "gta5" and frame.name in GTA5_RESIZED_LABELS:
+        # As the released loader does: the raw ids, NEAREST (the same as resizing the train ids).
+        ids = np.asarray(Image.fromarray(ids).resize((result.width, result.height), Image.NEAREST))
+    elif mismatched:
         result.problems.append(
             f"{frame.label}: size {ids.shape[1]}x{ids.shape[0]} differs from image "
             f"{frame.image} ({result.width}x{result.height})"
