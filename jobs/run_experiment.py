@@ -16,7 +16,7 @@ from common import experiment_tracker, init_ray, parse_config
 
 from pipeline import storage
 from pipeline.experiment import ExperimentConfig
-from pipeline.rounds import STAGES_FIGURE, preconditions, run_experiment
+from pipeline.rounds import STAGES_FIGURE, final_lines, preconditions, run_experiment
 from pipeline.tracking import comparison_table, default_tracking_uri, scrub_uri
 
 
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         tracker.finish(tracker.parent_run_id)
     print()
     print(comparison_table(tracker.tracking_uri, cfg.name, tracker.run_name))
+    summary = final_lines(cfg, records)
+    if summary:
+        print("\n" + summary)
     checks = preconditions(records)
     if checks:
         print("\n" + checks)

@@ -10,7 +10,7 @@ Layout of a store (a local folder or an ``s3://`` prefix)::
 ``predictions`` rows (one per image) — enough to re-select with other thresholds
 without running the model again:
 
-    index        int32   position in the canonical (name-sorted) order
+    index        int32   position in the labelling order (name-sorted, or the released permutation)
     name         string  image name (file stem)
     image        string  image URI
     height,width int32   size of the maps (the pseudo-label size)

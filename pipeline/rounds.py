@@ -394,6 +394,27 @@ def run_final_eval(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageRe
     return _write_record(cfg, StageRecord("final_eval", evaluated[headline][1], metrics, lineage))
 
 
+def final_lines(cfg: ExperimentConfig, records: list[StageRecord]) -> str:
+    """The final evaluation's figures in words: which checkpoint each is and which one
+    compares with a paper's (the released figure is the best on val, without flip)."""
+    final = next((r for r in records if r.stage == "final_eval"), None)
+    if final is None:
+        return ""
+    m, key = final.metrics, "val/mIoU-19"
+    sizes = f"{len(cfg.final_eval.sizes)} sizes" if cfg.final_eval.sizes else "single scale"
+    lines = [f"final evaluation ({cfg.protocol} protocol, {sizes}, flip {'on' if cfg.final_eval.flip else 'off'}): "
+             f"mIoU-19 {100 * m[key]:.2f}, the {final.lineage.get('report', 'last')} weights of "
+             f"{final.lineage.get('evaluated')}"]
+    if f"best/{key}" in m:
+        lines.append(f"  best on val ({final.lineage.get('best_stage')}): {100 * m[f'best/{key}']:.2f}  <- the "
+                     "released figures (51.88, 51.54) are of this kind: chosen on the target val set")
+    if f"last/{key}" in m:
+        lines.append(f"  last weights ({cfg.adaptation_stage}): {100 * m[f'last/{key}']:.2f}")
+    if f"flip/{key}" in m:
+        lines.append(f"  with flip: {100 * m[f'flip/{key}']:.2f}")
+    return "\n".join(lines)
+
+
 STAGES_FIGURE = "figures/stages_on_val.png"
 FIGURE_WIDTH = 384  # pixels per column: Cityscapes' 2048 columns would make a 14k-pixel sheet
 

@@ -557,8 +557,13 @@ def comparison_table(tracking_uri: str, experiment: str, run_name: str | None = 
             _percent(m.get("pseudo/precision")),
             run.data.tags.get("checkpoint_uri", "-"),
         ])
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     right = [False, True, True, True, False]
+    if any("best/val/mIoU-19" in run.data.metrics for run in children):  # periodic validation: its best too
+        header.insert(2, "best on val (%)")
+        right.insert(2, True)
+        for row, run in zip(rows, children):
+            row.insert(2, _percent(run.data.metrics.get("best/val/mIoU-19")))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"

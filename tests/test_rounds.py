@@ -12,7 +12,16 @@ from pipeline import config, pseudo_label
 from pipeline.data.datasets import load_image
 from pipeline.experiment import ExperimentConfig
 from pipeline.label_store import LabelStore
-from pipeline.rounds import STAGES_FIGURE, StageRecord, preconditions, read_record, run_experiment, run_round, run_warmup
+from pipeline.rounds import (
+    STAGES_FIGURE,
+    StageRecord,
+    final_lines,
+    preconditions,
+    read_record,
+    run_experiment,
+    run_round,
+    run_warmup,
+)
 from pipeline.tracking import ExperimentTracker, comparison_table, default_tracking_uri
 
 
@@ -112,7 +121,8 @@ def test_a_source_free_chain_runs_stvm_from_the_given_model_without_source_data(
     tracker = _tracker(cfg)
     records = run_experiment(cfg, tracker)
     assert [r.stage for r in records] == ["stvm", "final_eval"]
-    assert records[0].lineage == {"init": small_checkpoint} and records[1].lineage == {"evaluated": "stvm"}
+    assert records[0].lineage == {"init": small_checkpoint, "steps": 2}
+    assert records[1].lineage == {"evaluated": "stvm", "report": "last", "protocol": "custom", "last_stage": "stvm"}
     assert records[1].checkpoint == records[0].checkpoint and "val/mIoU-19" in records[1].metrics
     assert "stvm/teacher_precision" in records[0].metrics
     runs = {r.data.tags["stage"]: r for r in tracker.client.search_runs([tracker.experiment_id])
@@ -312,9 +322,41 @@ def test_a_released_iast_init_is_converted_once_for_the_later_stages(benchmark_d
         "adversarial": {"iterations": 2, "batch_size": 2}})
     starts = []
     monkeypatch.setattr(rounds, "run_training_stage",
-                        lambda cfg, stage, tracker, init: starts.append(init) or rounds.StageRecord(stage, init))
+                        lambda cfg, stage, tracker, init, **kw: starts.append(init) or rounds.StageRecord(stage, init))
     rounds.run_warmup(adversarial, tracker=None)
     assert starts == [start]
+
+
+def test_the_released_warm_up_files_label_and_start_round_1_apart(benchmark_data, small_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    """model.generator_init (the released G file) labels round 1; model.init (M) starts it."""
+    from pipeline import rounds
+
+    weights = tmp_path / "M.pt"
+    weights.write_bytes(open(small_checkpoint, "rb").read())
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{
+        "source_only.iterations": 0, "model.init": str(weights), "model.generator_init": small_checkpoint})
+    seen = {}
+
+    def labels(label_cfg):
+        seen["generator"] = label_cfg.checkpoint
+        return {"prediction_parts_reused": 0, "num_parts": 1, "num_images": 1,
+                "statistics": {"coverage_all": 0.5, "precision_all": None}}
+
+    def training(cfg, stage, run_id, tracker, train_cfg):
+        seen["init"] = train_cfg.init
+        return rounds.StageRecord(stage, "/trained.pt")
+
+    monkeypatch.setattr(rounds.pseudo_label, "run", labels)
+    monkeypatch.setattr(rounds, "_train_tracked", training)
+    tracker = _tracker(cfg)
+    monkeypatch.setattr(tracker, "log_pseudo_labels", lambda *a, **kw: None)
+    record = rounds.run_round(cfg, 1, tracker)
+    assert seen == {"generator": small_checkpoint, "init": str(weights)}
+    assert record.lineage["generator_checkpoint"] == "model.generator_init"
+    assert record.lineage["init_stage"] == "warmup" and record.lineage["init_checkpoint"] == "last"
+    with pytest.raises(ValueError, match="set model.init too"):
+        tiny_experiment(benchmark_data, tmp_path / "o2", **{"model.generator_init": small_checkpoint})
 
 
 def test_a_stage_finished_on_other_data_is_not_reused(benchmark_data, tmp_path):
@@ -366,6 +408,7 @@ def test_preconditions_report_what_the_records_show():
     assert preconditions([rec("source_only", **{"val__mIoU-19": 0.3})]) == ""  # nothing to compare with
 
 
+@pytest.mark.slow  # about 2 minutes here: five stages, each validating twice
 def test_the_released_chain_takes_the_configured_checkpoints(ray_cluster, benchmark_data, tmp_path):
     """The released protocol on tiny data: periodic validation, best and kept steps, and
     each link's checkpoint, read back from the stage records."""
@@ -398,6 +441,9 @@ def test_the_released_chain_takes_the_configured_checkpoints(ray_cluster, benchm
     assert final.checkpoint == best_round.checkpoints["best"]
     assert final.metrics["val/mIoU-19"] == final.metrics["best/val/mIoU-19"]
     assert {"last/val/mIoU-19", "flip/val/mIoU-19"} <= set(final.metrics)
+    summary = final_lines(cfg, list(records.values()))
+    assert f"best on val ({best_round.stage}): {100 * final.metrics['best/val/mIoU-19']:.2f}" in summary
+    assert "released protocol" in summary and "with flip" in summary
     runs = MlflowClient(default_tracking_uri(cfg.output)).search_runs(
         [_tracker(cfg).experiment_id], "tags.stage = 'round_2'")
     assert runs[0].data.params["lineage.init_step"] == "3"
