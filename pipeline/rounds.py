@@ -504,13 +504,19 @@ def _slug(name: str) -> str:
 def _from_warmup(cfg: ExperimentConfig, warmup: StageRecord, tag: str, folder: str, rounds: int, seed: int,
                  changes: dict) -> ExperimentConfig:
     """``cfg``'s first ``rounds`` rounds with ``changes`` to self_training, started from the
-    finished ``warmup``, in ``<output>/<folder>`` and MLflow experiment ``<name>-<tag>``."""
+    finished ``warmup``, in ``<output>/<folder>`` and MLflow experiment ``<name>-<tag>``.
+    Round 1 takes the warm-up's weights the chain chooses (e.g. its best to label, its last
+    to start from), as files of the variant's model.init and model.generator_init."""
+    init, _ = pick_checkpoint(warmup, cfg.chain.round1_init, "round 1's init")
+    generator, _ = pick_checkpoint(warmup, cfg.chain.round1_generator, "round 1's generator")
     return dataclasses.replace(
         cfg,
         name=f"{cfg.name}-{tag}",
         output=storage.join(cfg.output, folder),
         tracking_uri=cfg.tracking_uri or default_tracking_uri(cfg.output),  # one store for all variants
-        model=dataclasses.replace(cfg.model, init=warmup.checkpoint, init_format="ours"),
+        model=dataclasses.replace(cfg.model, init=init, init_format="ours",
+                                  generator_init=generator if generator != init else None),
+        chain=dataclasses.replace(cfg.chain, adversarial_init="last", round1_init="last", round1_generator="last"),
         source_only=dataclasses.replace(cfg.source_only, iterations=0),
         adversarial=dataclasses.replace(cfg.adversarial, iterations=0),
         oracle=dataclasses.replace(cfg.oracle, iterations=0),

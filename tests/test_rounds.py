@@ -256,6 +256,19 @@ def test_method_configs_differ_only_in_hiast_settings_and_seed(benchmark_data, t
         assert variant.round_label_config(2, "g.pt").selector == cfg.round_label_config(2, "g.pt").selector
 
 
+def test_variants_from_a_released_warm_up_label_with_its_best_and_start_from_its_last(benchmark_data, tmp_path):
+    from pipeline.rounds import StageRecord, method_configs
+
+    cfg = tiny_experiment(benchmark_data, tmp_path / "out", **{
+        "adversarial": {"iterations": 4, "batch_size": 2, "val_every": 2},
+        "chain": {"round1_generator": "best", "round1_init": "last"}})
+    warmup = StageRecord("adversarial", "/w/last.pt", {"best/step": 2}, checkpoints={"best": "/w/best.pt"})
+    for variant in method_configs(cfg, warmup, seeds=1).values():
+        assert (variant.model.init, variant.model.generator_init) == ("/w/last.pt", "/w/best.pt")
+        assert variant.chain.round1_generator == "last"
+        variant.check_chain()  # the given warm-up files need no choice of their own
+
+
 def test_compare_methods_job_trains_each_method_and_prints_the_table(ray_cluster, benchmark_data, tmp_path, capsys):
     cfg = tiny_experiment(benchmark_data, tmp_path / "out")
     path = tmp_path / "tiny.yaml"

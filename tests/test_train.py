@@ -303,3 +303,44 @@ def test_the_discriminator_follows_the_students_cosine_when_asked(benchmark_data
     assert released.discriminator_lr(1) == pytest.approx(2e-5)
     assert released.discriminator_lr(51) == pytest.approx(1e-5, rel=1e-2)  # half-way down the cosine
     assert released.discriminator_lr(101) == pytest.approx(2e-8)  # the floor: 0.001 x the student's lr
+
+
+def _bn_worker(rank: int, port: int, cfgs: list[dict], folder: str) -> None:
+    """One of two DDP replicas of source-only stages in a plain gloo process group (no
+    Ray): after each step, writes the first batch-norm layer's type and running mean."""
+    import torch.distributed as dist
+
+    from pipeline.models.deeplab import batchnorm_layers
+    from pipeline.train import LocalSession, run_stage
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    for cfg in cfgs:
+        train = config.from_dict(TrainConfig, cfg)
+
+        def record(step, method):
+            bn = batchnorm_layers(method.student)[0]
+            with open(os.path.join(folder, f"{train.name}{rank}.log"), "a") as f:
+                f.write(f"{step} {type(bn).__name__} {' '.join(f'{v:.6f}' for v in bn.running_mean.tolist())}\n")
+
+        run_stage(train, LocalSession(train), on_step=record)
+    dist.destroy_process_group()
+
+
+def test_a_two_worker_stage_normalises_over_both_workers_batches(benchmark_data, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfgs = [config.to_dict(_cfg(tmp_path, benchmark_data, name=name, iterations=2, num_workers=2, batch_size=4,
+                                sync_batchnorm=name == "synced"))
+            for name in ("synced", "apart")]
+    mp.spawn(_bn_worker, args=(port, cfgs, str(tmp_path)), nprocs=2, join=True)
+    for name, layer in (("synced", "GlooSyncBatchNorm"), ("apart", "BatchNorm2d")):
+        logs = [(tmp_path / f"{name}{r}.log").read_text().splitlines() for r in (0, 1)]
+        assert len(logs[0]) == 2 and all(line.split()[1] == layer for line in logs[0])
+        # after each step, both replicas' statistics come from the same (global) batch only when synchronised
+        assert (logs[0] == logs[1]) == (name == "synced")
