@@ -28,7 +28,7 @@ from pipeline.data.datasets import DataConfig
 from pipeline.labels import NUM_CLASSES
 from pipeline.methods import STvMConfig
 from pipeline.pseudo_label import PseudoLabelConfig, SelectorConfig
-from pipeline.train import TrainConfig
+from pipeline.train import PLACEMENT_STRATEGIES, TrainConfig
 
 
 # Which checkpoint of a finished stage the next link of the chain takes: its last weights,
@@ -88,6 +88,10 @@ class ComputeConfig:
     # With num_workers > 1, batch norm over every worker's batch together (SyncBatchNorm),
     # as the released code does on several GPUs; off, each worker normalises its own share.
     sync_batchnorm: bool = True
+    # Where Ray places a stage's training workers: STRICT_PACK, all on one node, so that DDP
+    # all-reduces over NVLink, not TCP between nodes (a stage needing more GPUs than a node
+    # has then waits for one; PACK only prefers one node, SPREAD spreads them).
+    placement_strategy: str = "STRICT_PACK"
     label_workers: int = 1  # pseudo-labelling actors, one model each
     gpus_per_label_worker: float = 0.0
     cpus_per_label_worker: float = 1.0
@@ -97,6 +101,9 @@ class ComputeConfig:
         config_lib.require(self, "positive", "num_workers", "cpus_per_worker", "label_workers", "cpus_per_label_worker",
                            "eval_workers")
         config_lib.require(self, "non_negative", "loader_workers", "decoded_cache_mb", "gpus_per_label_worker")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                             f"got {self.placement_strategy!r}")
 
 
 @dataclass
@@ -450,6 +457,7 @@ class ExperimentConfig:
             cosine_period=section.cosine_period, lr_floor_of=self.lr_floor_of, val_every=section.val_every,
             val_metric=self.val_metric, eval_size=section.val_size or self.eval_size,
             keep_steps=self._kept_steps(name), sync_batchnorm=c.sync_batchnorm,
+            placement_strategy=c.placement_strategy,
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
             loader_workers=c.loader_workers, decoded_cache_mb=c.decoded_cache_mb, amp=c.amp, seed=self.seed,
             val=self.data.val, **kw,

@@ -54,6 +54,7 @@ from pipeline.models import (
 
 CHECKPOINT_FILE = "checkpoint.pt"
 VAL_METRICS = ("mIoU-19", "mIoU-16", "mIoU-13", "pixel_accuracy")  # what "best" may be measured by
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")  # Ray placement groups
 Stage = Literal["source_only", "adversarial", "self_training", "oracle", "stvm"]
 
 
@@ -117,6 +118,9 @@ class TrainConfig:
     sync_batchnorm: bool = True
     log_every: int = 50
     num_workers: int = 1
+    # Ray placement of the stage's workers: STRICT_PACK keeps them on one node (NVLink), so
+    # DDP never all-reduces the gradients over TCP between nodes; PACK only prefers that.
+    placement_strategy: str = "STRICT_PACK"
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     loader_workers: int = 2  # DataLoader processes per training worker
@@ -147,6 +151,9 @@ class TrainConfig:
             raise ValueError(f"stvm settings apply to stage stvm only, not to {self.stage}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                             f"got {self.placement_strategy!r}")
         if self.cosine_period < 1:
             raise ValueError(f"cosine_period must be >= 1 (a factor of the stage's length; 1 anneals to the "
                              f"floor at the end), got {self.cosine_period}")
@@ -525,6 +532,16 @@ def _kept(cfg: TrainConfig) -> dict[str, str]:
     return uris
 
 
+def scaling_config(cfg: TrainConfig):
+    """The stage's Ray Train workers: one GPU each (use_gpu), cpus_per_worker CPUs, placed
+    by placement_strategy (STRICT_PACK: all on one node)."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                   resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                   placement_strategy=cfg.placement_strategy)
+
+
 def fit(
     cfg: TrainConfig,
     on_step: Callable[[int, Method], None] | None = None,
@@ -538,13 +555,10 @@ def fit(
 
     check_config(cfg)
     fs, root = storage.arrow_filesystem(cfg.storage)
-    resources = {"CPU": cfg.cpus_per_worker}
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"config": config_lib.to_dict(cfg), "on_step": on_step},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=root,
