@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import config
-from pipeline.experiment import ExperimentConfig
-from pipeline.train import TrainConfig, scaling_config
+# Only light imports at the top: the two-process test's workers import this module again.
 
 
-def _train_cfg(tmp_path, **kw) -> TrainConfig:
+def _train_cfg(tmp_path, **kw):
+    from pipeline.train import TrainConfig
+
     base = dict(stage="source_only", name="run", storage=str(tmp_path / "runs"), iterations=5, lr=1e-3,
                 arch="deeplabv2_small", batch_size=4, num_workers=4, use_gpu=True, cpus_per_worker=6)
     base.update(kw)
@@ -19,6 +19,8 @@ def _train_cfg(tmp_path, **kw) -> TrainConfig:
 
 
 def test_a_stages_workers_are_strictly_packed_on_one_node_by_default(tmp_path):
+    from pipeline.train import scaling_config
+
     scaling = scaling_config(_train_cfg(tmp_path))
     assert scaling.placement_strategy == "STRICT_PACK"
     assert (scaling.num_workers, scaling.use_gpu) == (4, True)
@@ -29,6 +31,9 @@ def test_a_stages_workers_are_strictly_packed_on_one_node_by_default(tmp_path):
 
 
 def test_the_compute_setting_reaches_every_stage_and_is_checked(tmp_path):
+    from pipeline import config
+    from pipeline.experiment import ExperimentConfig
+
     data = {"target": {"dataset": "cityscapes", "root": str(tmp_path), "split": "train"},
             "val": {"dataset": "cityscapes", "root": str(tmp_path), "split": "val"},
             "source": {"dataset": "gta5", "root": str(tmp_path), "split": "train"}}
@@ -41,3 +46,78 @@ def test_the_compute_setting_reaches_every_stage_and_is_checked(tmp_path):
     assert packed.round_train_config(1, "x.pt").placement_strategy == "PACK"
     with pytest.raises(ValueError, match="compute: placement_strategy must be one of STRICT_PACK"):
         config.from_dict(ExperimentConfig, {**raw, "compute": {"placement_strategy": "pack"}})
+
+
+def _adversarial_step_worker(rank: int, port: int, out: str) -> None:
+    """One adversarial step on a DDP-wrapped student, counting gradient all-reduces (each
+    all-reduce of the whole model all-reduces bucket 0 once), as shipped and with
+    no_sync patched away; then the same step without DDP for the reference gradients."""
+    import os
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pipeline import distributed
+    from pipeline.methods.adversarial import Adversarial
+    from pipeline.methods.base import StepContext
+    from pipeline.models import build_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cfg = SimpleNamespace(num_classes=19, discriminator_lr=1e-4, discriminator_betas=(0.9, 0.99), amp=False,
+                          use_gpu=False, discriminator_schedule="constant", adversarial_weight=0.05)
+    generator = torch.Generator().manual_seed(100 + rank)  # each rank's own batch
+    batch = {"main": [torch.randn(1, 3, 32, 64, generator=generator),
+                      torch.randint(0, 19, (1, 32, 64), generator=generator)],
+             "target": [torch.randn(1, 3, 32, 64, generator=generator)]}
+
+    def step(ddp: bool):
+        torch.manual_seed(0)  # the same student and discriminator every time
+        method = Adversarial(cfg, build_model("deeplabv2_small", 19), torch.device("cpu"))
+        rounds = []
+        if ddp:
+            method.model = DistributedDataParallel(method.student)
+
+            def count(state, bucket):
+                if bucket.index() == 0:
+                    rounds.append(1)
+                return allreduce_hook(None, bucket)
+
+            method.model.register_comm_hook(None, count)
+        ctx = StepContext(False)
+        ctx.step = 1
+        method.step(batch, ctx)
+        return len(rounds), [p.grad.clone() for p in method.student.parameters() if p.requires_grad]
+
+    try:
+        shipped, grads = step(ddp=True)
+        with mock.patch.object(distributed, "no_sync", lambda model: nullcontext()):
+            unsynced, _ = step(ddp=True)
+        _, local = step(ddp=False)
+        torch.save({"shipped": shipped, "unsynced": unsynced, "grads": grads, "local": local},
+                   os.path.join(out, f"adv{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_adversarial_step_all_reduces_the_students_gradients_once(tmp_path):
+    import os
+
+    import torch
+    import torch.multiprocessing as mp
+
+    port = 29700 + os.getpid() % 1000
+    mp.spawn(_adversarial_step_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"adv{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert r["shipped"] == 1  # the first backward ran under no_sync
+        assert r["unsynced"] == 2  # what it costs without
+    # and the one all-reduce still averages both backwards of both ranks
+    for g0, g1, l0, l1 in zip(ranks[0]["grads"], ranks[1]["grads"], ranks[0]["local"], ranks[1]["local"]):
+        assert torch.equal(g0, g1)
+        torch.testing.assert_close(g0, (l0 + l1) / 2, rtol=1e-4, atol=1e-6)
