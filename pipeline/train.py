@@ -310,8 +310,10 @@ class LocalSession:
             shutil.rmtree(old)
 
 
-def _save(session, cfg, step, student, optimizer, scheduler, modules, metrics, best):
-    """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all of them)."""
+def _save(session, cfg, step, student, optimizer, scheduler, modules, scalers, metrics, best):
+    """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all of them).
+    ``scalers``: name -> GradScaler, saved so that a resumed run keeps its loss scale
+    instead of skipping its first steps as overflows from 65,536 down."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = None
         if distributed.rank() == 0:
@@ -326,12 +328,14 @@ def _save(session, cfg, step, student, optimizer, scheduler, modules, metrics, b
                 extras[name] = module.state_dict()
                 if opt is not None:
                     extras[f"{name}_optimizer"] = opt.state_dict()
+            for name, scaler in scalers.items():
+                extras[name] = scaler.state_dict()  # {} when AMP is off
             save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), student, **extras)
             directory = tmp
         session.report({"step": step, **metrics}, directory)
 
 
-def _restore(session, student, optimizer, scheduler, modules) -> tuple[int, dict]:
+def _restore(session, student, optimizer, scheduler, modules, scalers) -> tuple[int, dict]:
     """The step to continue after, and the best validation so far ({} when none)."""
     with session.latest_checkpoint() as path:
         if path is None:
@@ -343,6 +347,9 @@ def _restore(session, student, optimizer, scheduler, modules) -> tuple[int, dict
         module.load_state_dict(state[name])
         if opt is not None:
             opt.load_state_dict(state[f"{name}_optimizer"])
+    for name, scaler in scalers.items():
+        if state.get(name):  # absent from older checkpoints, empty from runs without AMP
+            scaler.load_state_dict(state[name])
     return int(state["step"]), dict(state.get("best", {}))
 
 
@@ -423,9 +430,10 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] 
     method: Method = method_class(cfg)(cfg, student, device)
     modules = method.modules()
     method.model = session.prepare(student)
-    start, best = _restore(session, student, optimizer, scheduler, modules)
-    streams = method.streams(start)
     ctx = StepContext(uses_amp(cfg))
+    scalers = {"scaler": ctx.scaler, **method.scalers()}
+    start, best = _restore(session, student, optimizer, scheduler, modules, scalers)
+    streams = method.streams(start)
     val_samples = cfg.val.samples() if cfg.val is not None else []
     best_key = f"val/{cfg.val_metric}"
 
@@ -489,7 +497,7 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] 
         if is_last:
             break  # the final report comes after validation
         if step % cfg.checkpoint_every == 0:
-            _save(session, cfg, step, student, optimizer, scheduler, modules, metrics or {}, best)
+            _save(session, cfg, step, student, optimizer, scheduler, modules, scalers, metrics or {}, best)
         elif metrics is not None:  # every worker reports as often (Ray Train requires it)
             session.report({"step": step, **metrics}, None)
 
@@ -500,7 +508,7 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] 
         final_metrics.update(validate(cfg.iterations, final=True))
     if best:
         final_metrics.update({"best/step": best["step"], f"best/{best_key}": best["value"]})
-    _save(session, cfg, cfg.iterations, student, optimizer, scheduler, modules, final_metrics, best)
+    _save(session, cfg, cfg.iterations, student, optimizer, scheduler, modules, scalers, final_metrics, best)
     return final_metrics
 
 

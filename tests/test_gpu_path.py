@@ -121,3 +121,46 @@ def test_the_adversarial_step_all_reduces_the_students_gradients_once(tmp_path):
     for g0, g1, l0, l1 in zip(ranks[0]["grads"], ranks[1]["grads"], ranks[0]["local"], ranks[1]["local"]):
         assert torch.equal(g0, g1)
         torch.testing.assert_close(g0, (l0 + l1) / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_the_loss_scales_are_checkpointed_and_restored(tmp_path):
+    import torch
+
+    from pipeline.train import LocalSession, _build, _restore, _save
+
+    cfg = _train_cfg(tmp_path, use_gpu=False, num_workers=1, batch_size=2)
+    session = LocalSession(cfg)
+    student, optimizer, scheduler = _build(cfg)
+    # CPU scalers stand in for the CUDA ones (same state; the CUDA one disables itself here)
+    scaler, d_scaler = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
+    for s, value in ((scaler, 1024.0), (d_scaler, 8.0)):
+        s.scale(torch.ones(()))
+        s.update(new_scale=value)  # what some overflows leave
+    off = torch.amp.GradScaler("cpu", enabled=False)  # a run without AMP saves {}
+    _save(session, cfg, 3, student, optimizer, scheduler, {},
+          {"scaler": scaler, "discriminator_scaler": d_scaler, "other": off}, {}, {})
+
+    fresh = {"scaler": torch.amp.GradScaler("cpu"), "discriminator_scaler": torch.amp.GradScaler("cpu"),
+             "other": torch.amp.GradScaler("cpu"), "missing": torch.amp.GradScaler("cpu")}
+    step, _ = _restore(session, student, optimizer, scheduler, {}, fresh)
+    assert step == 3
+    assert fresh["scaler"].get_scale() == 1024.0 and fresh["discriminator_scaler"].get_scale() == 8.0
+    assert fresh["other"].get_scale() == fresh["missing"].get_scale() == 65536.0  # nothing saved: the default
+
+
+def test_the_adversarial_method_declares_its_discriminators_scaler(tmp_path):
+    import torch
+
+    from pipeline.methods.adversarial import Adversarial
+    from pipeline.models import build_model
+
+    cfg = _train_cfg(tmp_path, stage="adversarial", use_gpu=False, num_workers=1, batch_size=2,
+                     source=_data(tmp_path), target=_data(tmp_path))
+    method = Adversarial(cfg, build_model("deeplabv2_small", 19), torch.device("cpu"))
+    assert method.scalers() == {"discriminator_scaler": method.d_scaler}
+
+
+def _data(tmp_path):
+    from pipeline.data.datasets import DataConfig
+
+    return DataConfig(dataset="cityscapes", root=str(tmp_path), split="train")

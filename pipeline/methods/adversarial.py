@@ -28,6 +28,9 @@ class Adversarial(Method):
     def modules(self):
         return {"discriminator": (self.discriminator, self.d_optimizer)}
 
+    def scalers(self):
+        return {"discriminator_scaler": self.d_scaler}
+
     def streams(self, start):
         cfg = self.cfg
         return {
