@@ -92,6 +92,8 @@ class ComputeConfig:
     # all-reduces over NVLink, not TCP between nodes (a stage needing more GPUs than a node
     # has then waits for one; PACK only prefers one node, SPREAD spreads them).
     placement_strategy: str = "STRICT_PACK"
+    # fp16 autocast in pseudo-labelling and the final evaluation on GPUs (no effect on the CPU)
+    inference_amp: bool = True
     label_workers: int = 1  # pseudo-labelling actors, one model each
     gpus_per_label_worker: float = 0.0
     cpus_per_label_worker: float = 1.0
@@ -559,6 +561,6 @@ class ExperimentConfig:
                 name=st.selector, alpha=r.alpha, beta=st.beta, gamma=st.gamma, instance_size=st.instance_size,
                 portion=st.cbst_portion, threshold=st.constant_threshold, label_values=st.label_values,
             ),
-            num_workers=c.label_workers, gpus_per_worker=c.gpus_per_label_worker,
+            num_workers=c.label_workers, gpus_per_worker=c.gpus_per_label_worker, amp=c.inference_amp,
             cpus_per_worker=c.cpus_per_label_worker, round=round_index,
         )

@@ -405,7 +405,8 @@ def evaluate_shard(model, samples: list[Sample], cfg: TrainConfig, device) -> Co
         label = load_label(sample.label)
         image, _ = normalize(load_image(sample.image), label, None)
         sizes = [tuple(cfg.eval_size)] if cfg.eval_size else None
-        probs = predict_probs(net, image[None], sizes=sizes, output_size=label.shape[::-1])
+        # under the stage's mixed precision (fp16 autocast on a GPU with amp; fp32 otherwise)
+        probs = predict_probs(net, image[None], sizes=sizes, output_size=label.shape[::-1], autocast=uses_amp(cfg))
         cm.update(probs.argmax(1)[0].cpu().numpy(), label)
     return ConfusionMatrix(cfg.num_classes, distributed.sum_array(cm.matrix, device))
 

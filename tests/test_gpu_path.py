@@ -44,6 +44,9 @@ def test_the_compute_setting_reaches_every_stage_and_is_checked(tmp_path):
     assert cfg.warmup_config("source_only", None).placement_strategy == "STRICT_PACK"
     packed = config.from_dict(ExperimentConfig, {**raw, "compute": {"placement_strategy": "PACK"}})
     assert packed.round_train_config(1, "x.pt").placement_strategy == "PACK"
+    assert cfg.round_label_config(1, "x.pt").amp is True  # fp16 labelling on GPUs unless turned off
+    assert config.from_dict(ExperimentConfig, {**raw, "compute": {"inference_amp": False}}).round_label_config(
+        1, "x.pt").amp is False
     with pytest.raises(ValueError, match="compute: placement_strategy must be one of STRICT_PACK"):
         config.from_dict(ExperimentConfig, {**raw, "compute": {"placement_strategy": "pack"}})
 
@@ -164,3 +167,43 @@ def _data(tmp_path):
     from pipeline.data.datasets import DataConfig
 
     return DataConfig(dataset="cityscapes", root=str(tmp_path), split="train")
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the CUDA autocast built on a CPU machine
+def test_inference_autocasts_to_fp16_on_cuda_only_and_leaves_the_cpu_bit_identical(small_checkpoint):
+    import contextlib
+
+    import torch
+
+    from pipeline.evaluation import inference_autocast, predict_probs
+    from pipeline.models import build_model, load_checkpoint
+
+    on_gpu = inference_autocast(torch.device("cuda", 0), True)
+    assert isinstance(on_gpu, torch.autocast) and (on_gpu.device, on_gpu.fast_dtype) == ("cuda", torch.float16)
+    assert isinstance(inference_autocast(torch.device("cuda", 0), False), contextlib.nullcontext)
+    assert isinstance(inference_autocast(torch.device("cpu"), True), contextlib.nullcontext)
+
+    model = build_model("deeplabv2_small", 19)
+    load_checkpoint(model, small_checkpoint)
+    x = torch.randn(1, 3, 64, 128, generator=torch.Generator().manual_seed(0))
+    fp32 = predict_probs(model, x, sizes=[(128, 64), (64, 32)], flip=True)
+    assert torch.equal(predict_probs(model, x, sizes=[(128, 64), (64, 32)], flip=True, autocast=True), fp32)
+
+
+def test_labelling_records_autocast_only_where_it_takes_effect(benchmark_data, small_checkpoint, tmp_path):
+    from pipeline.pseudo_label import PseudoLabelConfig, prediction_settings, uses_autocast
+
+    target = benchmark_data["target"]
+    samples = sorted(target.samples(), key=lambda s: s.name)
+
+    def settings(**kw):
+        cfg = PseudoLabelConfig(target=target, store=str(tmp_path / "s"), checkpoint=small_checkpoint,
+                                arch="deeplabv2_small", size=(128, 64), **kw)
+        return uses_autocast(cfg), prediction_settings(cfg, samples)
+
+    cpu_used, cpu = settings()  # amp is on by default, but CPU actors never autocast
+    off_used, gpu_fp32 = settings(gpus_per_worker=1, amp=False)
+    gpu_used, gpu = settings(gpus_per_worker=1)
+    assert (cpu_used, off_used, gpu_used) == (False, False, True)
+    assert "autocast" not in cpu and gpu_fp32 == cpu  # existing stores keep their hashes
+    assert gpu.pop("autocast") == "float16" and gpu == cpu  # fp16 and fp32 parts never mix
