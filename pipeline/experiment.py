@@ -98,10 +98,14 @@ class ComputeConfig:
     gpus_per_label_worker: float = 0.0
     cpus_per_label_worker: float = 1.0
     eval_workers: int = 1  # final evaluation tasks
+    # Memory of one GPU in GiB, as torch reports it (V100-16GB: 15.78, V100-32GB: 31.75):
+    # set, every training stage's per-GPU batch is checked against it before anything
+    # starts (pipeline.memory's estimate); None: not checked.
+    gpu_memory_gb: float | None = None
 
     def __post_init__(self):
         config_lib.require(self, "positive", "num_workers", "cpus_per_worker", "label_workers", "cpus_per_label_worker",
-                           "eval_workers")
+                           "eval_workers", "gpu_memory_gb")
         config_lib.require(self, "non_negative", "loader_workers", "decoded_cache_mb", "gpus_per_label_worker")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
@@ -356,7 +360,30 @@ class ExperimentConfig:
             if getattr(self.model, key):
                 attempt(self._check_weights, key)
         attempt(self._check_output)
+        if self.compute.use_gpu and self.compute.gpu_memory_gb is not None:
+            for stage, build in self._training_stages():
+                attempt(self._check_memory, stage, build)
         return found
+
+    def _training_stages(self) -> list:
+        """(stage, a function building its TrainConfig) for every training stage that runs
+        (one round stands for all: the rounds share their batch and workers)."""
+        stages = [(s, lambda s=s: self.warmup_config(s, None)) for s in ("source_only", "adversarial", "oracle")
+                  if getattr(self, s).iterations > 0]
+        if self.self_training.rounds:
+            stages.append(("self_training", lambda: self.round_train_config(1, None)))
+        if self.source_free:
+            stages.append(("stvm", lambda: self.stvm_train_config(None)))
+        return stages
+
+    def _check_memory(self, stage: str, build) -> None:
+        from pipeline import memory
+
+        try:
+            cfg = build()
+        except ValueError:
+            return  # reported by check_stages
+        memory.check_fits(stage, cfg, self.compute.gpu_memory_gb)
 
     def _check_data(self, key: str) -> None:
         data = getattr(self.data, key)

@@ -207,3 +207,52 @@ def test_labelling_records_autocast_only_where_it_takes_effect(benchmark_data, s
     assert (cpu_used, off_used, gpu_used) == (False, False, True)
     assert "autocast" not in cpu and gpu_fp32 == cpu  # existing stores keep their hashes
     assert gpu.pop("autocast") == "float16" and gpu == cpu  # fp16 and fp32 parts never mix
+
+
+def _shipped(name: str, *overrides: str):
+    from pathlib import Path
+
+    from pipeline import config
+    from pipeline.experiment import ExperimentConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    return config.load(ExperimentConfig, str(path), list(overrides))
+
+
+def _memory_problems(cfg) -> list[str]:
+    return [p for p in cfg.problems() if "gpu_memory_gb" in p]
+
+
+GPU_CONFIGS = ("gta5_cityscapes.yaml", "synthia_cityscapes.yaml", "gta5_cityscapes_stvm.yaml",
+               "synthia_cityscapes_stvm.yaml")
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_the_shipped_gpu_configs_fit_the_gpus_they_declare(name):
+    cfg = _shipped(name)
+    assert cfg.compute.use_gpu and cfg.compute.gpu_memory_gb is not None  # they are checked
+    assert _memory_problems(cfg) == []
+    # the 4 x 16 GB node's settings of the config's comment fit too
+    assert _memory_problems(_shipped(name, "compute.num_workers=2", "compute.gpu_memory_gb=15.78")) == []
+
+
+def test_a_batch_that_does_not_fit_the_gpu_is_refused_before_anything_starts_with_the_fix():
+    found = _memory_problems(_shipped("gta5_cityscapes.yaml", "compute.gpu_memory_gb=15.78"))
+    stages = sorted(p.split(":")[0] for p in found)
+    assert stages == ["self_training", "source_only"]  # batch 8 on one GPU; the adversarial stage's 4 fit
+    assert "8 image(s) of 1024x512 per GPU need about" in found[0]
+    assert "set compute.num_workers to 2 or more" in found[0]
+    # the sizes the review estimated independently (16.2 GiB before the reserve at 8 a GPU)
+    from pipeline import memory
+
+    est = memory.train_step_gib(_shipped("gta5_cityscapes.yaml").warmup_config("source_only", None))
+    assert 15.5 < est["static"] + est["activations"] < 17.0 and est["per_gpu_batch"] == 8
+    assert _memory_problems(_shipped("gta5_cityscapes.yaml", "compute.gpu_memory_gb=8")) != []  # even at 2 a GPU...
+    # ... a GPU too small for 1 image says so
+    tiny = _memory_problems(_shipped("gta5_cityscapes.yaml", "compute.gpu_memory_gb=2"))
+    assert tiny and all("use GPUs with more memory" in p for p in tiny)
+
+
+def test_the_memory_check_is_off_without_a_declared_gpu_memory():
+    assert _memory_problems(_shipped("gta5_cityscapes.yaml", "compute.gpu_memory_gb=null")) == []
+    assert _memory_problems(_shipped("benchmark.yaml", "compute.gpu_memory_gb=1")) == []  # a CPU config
