@@ -256,3 +256,96 @@ def test_a_batch_that_does_not_fit_the_gpu_is_refused_before_anything_starts_wit
 def test_the_memory_check_is_off_without_a_declared_gpu_memory():
     assert _memory_problems(_shipped("gta5_cityscapes.yaml", "compute.gpu_memory_gb=null")) == []
     assert _memory_problems(_shipped("benchmark.yaml", "compute.gpu_memory_gb=1")) == []  # a CPU config
+
+
+# -- scripts/install_torch.sh, on a simulated machine ----------------------------------------
+
+
+def _machine(tmp_path, gpus: str | None, torch_version: str = "2.13.0+cpu", pip_fails: bool = False):
+    """A PATH with a fake nvidia-smi printing ``gpus`` (none: a CPU machine) and a fake
+    python that reports ``torch_version`` and records its pip calls instead of running them."""
+    import os
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scripts = {"python": f"""#!/bin/sh
+if [ "$1" = -c ]; then echo {torch_version}; exit 0; fi
+echo "$@" >> {tmp_path}/pip.log
+exit {1 if pip_fails else 0}
+"""}
+    if gpus is not None:
+        scripts["nvidia-smi"] = f"#!/bin/sh\nprintf '{gpus}'\n"
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    return {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}, str(bin_dir / "python")
+
+
+def _install_torch(env, python, *args):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "install_torch.sh"
+    return subprocess.run([str(script), python, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+V100S = "Tesla V100-SXM2-16GB, 7.0, 580.65.06\\n" * 4
+
+
+def test_a_v100_machine_gets_the_cuda_12_6_build(tmp_path):
+    env, python = _machine(tmp_path, V100S)
+    run = _install_torch(env, python)
+    assert run.returncode == 0, run.stderr
+    assert "4 NVIDIA GPU(s): Tesla V100-SXM2-16GB, compute capability 7.0-7.0" in run.stdout
+    assert (tmp_path / "pip.log").read_text() == \
+        "-m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126\n"
+
+
+def test_the_check_refuses_the_wrong_build_with_the_command_and_passes_the_right_one(tmp_path):
+    env, python = _machine(tmp_path, V100S, torch_version="2.13.0")  # PyPI's CUDA 13.0 build
+    run = _install_torch(env, python, "--check")
+    assert run.returncode == 1
+    assert f"{python} -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in run.stderr
+    assert not (tmp_path / "pip.log").exists()  # a check installs nothing
+    (tmp_path / "bin" / "python").write_text("#!/bin/sh\necho 2.13.0+cu126\n")
+    assert _install_torch(env, python, "--check").returncode == 0
+    assert _install_torch(env, python).returncode == 0 and not (tmp_path / "pip.log").exists()  # nothing to do
+
+
+def test_a_cpu_machine_is_left_to_the_projects_install(tmp_path):
+    env, python = _machine(tmp_path, None)
+    run = _install_torch(env, python)
+    assert run.returncode == 0 and "no NVIDIA GPU" in run.stdout
+    assert _install_torch(env, python, "--check").returncode == 0
+    assert not (tmp_path / "pip.log").exists()
+
+
+@pytest.mark.parametrize("gpus, says", [
+    ("Tesla P100-PCIE-16GB, 6.0, 580.65.06\\n", "compute capability 6.0: torch 2.13.0 has no kernels below 7.0"),
+    ("Tesla V100-SXM2-16GB, 7.0, 535.104.05\\n", "driver 535.104.05 is older than the R560 branch"),
+])
+def test_gpus_the_build_cannot_serve_are_refused(tmp_path, gpus, says):
+    env, python = _machine(tmp_path, gpus)
+    run = _install_torch(env, python)
+    assert run.returncode == 2 and says in run.stderr
+    assert not (tmp_path / "pip.log").exists()
+
+
+def test_a_failed_install_is_refused_with_the_command(tmp_path):
+    env, python = _machine(tmp_path, V100S, pip_fails=True)
+    run = _install_torch(env, python)
+    assert run.returncode == 2
+    assert f"{python} -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in run.stderr
+
+
+def test_make_installs_and_checks_torch_through_the_script():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "-B", "reproduce-gta5", "IMAGENET=/w/r101.pth"], cwd=root,
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "scripts/install_torch.sh .venv/bin/python\n" in dry  # before the project's install
+    assert dry.index("install_torch.sh .venv/bin/python\n") < dry.index("-e '.[test]'")
+    assert "scripts/install_torch.sh .venv/bin/python --check" in dry  # before a reproduction
