@@ -349,3 +349,23 @@ def test_make_installs_and_checks_torch_through_the_script():
     assert "scripts/install_torch.sh .venv/bin/python\n" in dry  # before the project's install
     assert dry.index("install_torch.sh .venv/bin/python\n") < dry.index("-e '.[test]'")
     assert "scripts/install_torch.sh .venv/bin/python --check" in dry  # before a reproduction
+
+
+def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    out = tmp_path / "check.json"
+    run = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert [r["per_gpu_batch"] for r in result["peak_memory"]] == [2, 1]
+    assert all(r["estimate_gib"] > r["estimate_without_reserve_gib"] > 0 for r in result["peak_memory"])
+    assert result["training"]["steps_per_s"] > 0
+    labelling = result["labelling"]
+    assert labelling["fp32_images_per_s"] > 0 and labelling["autocast_fp16_images_per_s"] > 0
+    assert labelling["same_label_share"] == 1.0 and not labelling["autocast_takes_effect"]  # CPU: fp32 both ways
