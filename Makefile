@@ -20,7 +20,7 @@ ifdef RAY_ADDRESS
 export RAY_ADDRESS
 endif
 
-.PHONY: install system-packages test test-slow demo benchmark-data ablation compare-methods bench mlflow-ui clean \
+.PHONY: install torch check-torch system-packages test test-slow demo benchmark-data ablation compare-methods bench mlflow-ui clean \
         prepare-gta5 prepare-synthia prepare-cityscapes reproduce-gta5 reproduce-synthia \
         reproduce-gta5-stvm reproduce-synthia-stvm
 
@@ -28,10 +28,19 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo ">> installing into $(VENV)/ (torch CPU, Ray, MLflow, ...; ~2 min on a fresh machine)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -qq --upgrade pip
+	@scripts/install_torch.sh $(PY)
 	@$(PY) -m pip install -qq -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# On a GPU machine: the torch build its GPUs need (CUDA 12.6 for V100 to H100), installed
+# (torch) or only checked (check-torch: exits with the pip command to run).
+torch: $(STAMP)
+	scripts/install_torch.sh $(PY)
+
+check-torch: $(STAMP)
+	@scripts/install_torch.sh $(PY) --check
 
 # The system packages the tests use: Debian's headless chromium (tests/test_mlflow_ui.py),
 # installed when absent if this is a Debian-like machine and we are root.
@@ -103,23 +112,23 @@ prepare-cityscapes: $(STAMP)
 
 protocol = $(if $(filter clean,$(PROTOCOL)),--config configs/protocols/clean.yaml name=$(1)_clean output=outputs/$(1)_clean,$(if $(filter released,$(PROTOCOL)),,$(error PROTOCOL must be released or clean, got $(PROTOCOL))))
 
-reproduce-gta5: $(STAMP)
+reproduce-gta5: $(STAMP) check-torch
 	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
 	$(PY) jobs/run_experiment.py --config configs/gta5_cityscapes.yaml $(call protocol,gta5_cityscapes) model.imagenet_backbone=$(strip $(IMAGENET)) \
 		data.source.root=$(GTA5) data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
 
-reproduce-synthia: $(STAMP)
+reproduce-synthia: $(STAMP) check-torch
 	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
 	$(PY) jobs/run_experiment.py --config configs/synthia_cityscapes.yaml $(call protocol,synthia_cityscapes) model.imagenet_backbone=$(strip $(IMAGENET)) \
 		data.source.root=$(SYNTHIA) data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
 
 # Source-free STvM from a finished source-only checkpoint (e.g. reproduce-gta5's).
-reproduce-gta5-stvm: $(STAMP)
+reproduce-gta5-stvm: $(STAMP) check-torch
 	@test -n "$(strip $(SOURCE_MODEL))" || (echo "give the source-only checkpoint: make $@ SOURCE_MODEL=/path/checkpoint.pt"; exit 2)
 	$(PY) jobs/run_experiment.py --config configs/gta5_cityscapes_stvm.yaml model.init=$(strip $(SOURCE_MODEL)) \
 		data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
 
-reproduce-synthia-stvm: $(STAMP)
+reproduce-synthia-stvm: $(STAMP) check-torch
 	@test -n "$(strip $(SOURCE_MODEL))" || (echo "give the source-only checkpoint: make $@ SOURCE_MODEL=/path/checkpoint.pt"; exit 2)
 	$(PY) jobs/run_experiment.py --config configs/synthia_cityscapes_stvm.yaml model.init=$(strip $(SOURCE_MODEL)) \
 		data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)

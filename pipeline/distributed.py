@@ -6,6 +6,8 @@ gloo (CPU) or NCCL (GPU) process group.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -60,6 +62,15 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(flat, src)
         for b, value in zip(group, flat.split([b.numel() for b in group])):
             b.copy_(value.view_as(b))
+
+
+def no_sync(model: torch.nn.Module):
+    """DDP's ``no_sync()`` for a step with two backward passes: the first accumulates its
+    gradients locally and the second all-reduces both sums at once, one all-reduce of the
+    whole model a step instead of two. Forward and backward must both run inside. A model
+    not wrapped in DDP has nothing to skip."""
+    skip = getattr(model, "no_sync", None)
+    return skip() if skip is not None else nullcontext()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -28,7 +28,7 @@ from pipeline.data.datasets import DataConfig
 from pipeline.labels import NUM_CLASSES
 from pipeline.methods import STvMConfig
 from pipeline.pseudo_label import PseudoLabelConfig, SelectorConfig
-from pipeline.train import TrainConfig
+from pipeline.train import PLACEMENT_STRATEGIES, TrainConfig
 
 
 # Which checkpoint of a finished stage the next link of the chain takes: its last weights,
@@ -88,15 +88,28 @@ class ComputeConfig:
     # With num_workers > 1, batch norm over every worker's batch together (SyncBatchNorm),
     # as the released code does on several GPUs; off, each worker normalises its own share.
     sync_batchnorm: bool = True
+    # Where Ray places a stage's training workers: STRICT_PACK, all on one node, so that DDP
+    # all-reduces over NVLink, not TCP between nodes (a stage needing more GPUs than a node
+    # has then waits for one; PACK only prefers one node, SPREAD spreads them).
+    placement_strategy: str = "STRICT_PACK"
+    # fp16 autocast in pseudo-labelling and the final evaluation on GPUs (no effect on the CPU)
+    inference_amp: bool = True
     label_workers: int = 1  # pseudo-labelling actors, one model each
     gpus_per_label_worker: float = 0.0
     cpus_per_label_worker: float = 1.0
     eval_workers: int = 1  # final evaluation tasks
+    # Memory of one GPU in GiB, as torch reports it (V100-16GB: 15.78, V100-32GB: 31.75):
+    # set, every training stage's per-GPU batch is checked against it before anything
+    # starts (pipeline.memory's estimate); None: not checked.
+    gpu_memory_gb: float | None = None
 
     def __post_init__(self):
         config_lib.require(self, "positive", "num_workers", "cpus_per_worker", "label_workers", "cpus_per_label_worker",
-                           "eval_workers")
+                           "eval_workers", "gpu_memory_gb")
         config_lib.require(self, "non_negative", "loader_workers", "decoded_cache_mb", "gpus_per_label_worker")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                             f"got {self.placement_strategy!r}")
 
 
 @dataclass
@@ -347,7 +360,30 @@ class ExperimentConfig:
             if getattr(self.model, key):
                 attempt(self._check_weights, key)
         attempt(self._check_output)
+        if self.compute.use_gpu and self.compute.gpu_memory_gb is not None:
+            for stage, build in self._training_stages():
+                attempt(self._check_memory, stage, build)
         return found
+
+    def _training_stages(self) -> list:
+        """(stage, a function building its TrainConfig) for every training stage that runs
+        (one round stands for all: the rounds share their batch and workers)."""
+        stages = [(s, lambda s=s: self.warmup_config(s, None)) for s in ("source_only", "adversarial", "oracle")
+                  if getattr(self, s).iterations > 0]
+        if self.self_training.rounds:
+            stages.append(("self_training", lambda: self.round_train_config(1, None)))
+        if self.source_free:
+            stages.append(("stvm", lambda: self.stvm_train_config(None)))
+        return stages
+
+    def _check_memory(self, stage: str, build) -> None:
+        from pipeline import memory
+
+        try:
+            cfg = build()
+        except ValueError:
+            return  # reported by check_stages
+        memory.check_fits(stage, cfg, self.compute.gpu_memory_gb)
 
     def _check_data(self, key: str) -> None:
         data = getattr(self.data, key)
@@ -450,6 +486,7 @@ class ExperimentConfig:
             cosine_period=section.cosine_period, lr_floor_of=self.lr_floor_of, val_every=section.val_every,
             val_metric=self.val_metric, eval_size=section.val_size or self.eval_size,
             keep_steps=self._kept_steps(name), sync_batchnorm=c.sync_batchnorm,
+            placement_strategy=c.placement_strategy,
             num_workers=c.num_workers, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
             loader_workers=c.loader_workers, decoded_cache_mb=c.decoded_cache_mb, amp=c.amp, seed=self.seed,
             val=self.data.val, **kw,
@@ -551,6 +588,6 @@ class ExperimentConfig:
                 name=st.selector, alpha=r.alpha, beta=st.beta, gamma=st.gamma, instance_size=st.instance_size,
                 portion=st.cbst_portion, threshold=st.constant_threshold, label_values=st.label_values,
             ),
-            num_workers=c.label_workers, gpus_per_worker=c.gpus_per_label_worker,
+            num_workers=c.label_workers, gpus_per_worker=c.gpus_per_label_worker, amp=c.inference_amp,
             cpus_per_worker=c.cpus_per_label_worker, round=round_index,
         )

@@ -99,6 +99,10 @@ class PseudoLabelConfig:
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     num_workers: int = 1  # actors, one model each
     gpus_per_worker: float = 0.0
+    # fp16 autocast of the generator's forward pass on a GPU (no effect on the CPU): the
+    # confidences are stored as float16 anyway, but a pixel near a threshold may flip, so
+    # the prediction parts record it and fp16 and fp32 parts never mix.
+    amp: bool = True
     cpus_per_worker: float = 1.0
     part_size: int = 64  # images per Parquet part (the unit of resumption)
     skip_unreadable: bool = False  # skip (and count) unreadable images instead of failing
@@ -178,6 +182,7 @@ class _Predictor:
         self.size = tuple(cfg.size)
         self.test_sizes = tuple(tuple(s) for s in cfg.test_sizes) or (self.size,)
         self.flip = cfg.flip
+        self.amp = cfg.amp
         self.num_classes = cfg.num_classes
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -189,7 +194,8 @@ class _Predictor:
                 # np.array copies: Ray Data hands a read-only view of its block when this
                 # actor is not fused with the decoding task, which torch.from_numpy warns about.
                 x = normalize(torch.from_numpy(np.array(batch["image"][i][None])).to(self.device))
-                probs = predict_probs(self.model, x, sizes=self.test_sizes, flip=self.flip, output_size=(w, h))[0]
+                probs = predict_probs(self.model, x, sizes=self.test_sizes, flip=self.flip, output_size=(w, h),
+                                      autocast=self.amp)[0]
                 conf, pred = probs.max(dim=0)
                 pred = pred.to(torch.uint8).cpu().numpy()
                 row["prediction"] = pred.tobytes()
@@ -249,7 +255,14 @@ def prediction_settings(cfg: PseudoLabelConfig, samples: list[Sample]) -> dict:
         settings["order_seed"] = cfg.order_seed
     if cfg.resize != "bilinear":  # another generator input
         settings["resize"] = cfg.resize
+    if uses_autocast(cfg):  # other numerics (CPU actors never autocast: their stores keep their hashes)
+        settings["autocast"] = "float16"
     return settings
+
+
+def uses_autocast(cfg: PseudoLabelConfig) -> bool:
+    """Whether the actors predict under fp16 autocast: amp set and the actors on GPUs."""
+    return cfg.amp and cfg.gpus_per_worker > 0
 
 
 def labelling_order(samples: list[Sample], order: str, seed: int = 0) -> list[Sample]:

@@ -263,7 +263,7 @@ def run_source_free(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageR
 
 @ray.remote
 def _evaluate_shard(arch: str, num_classes: int, checkpoint: str, samples: list[Sample],
-                    sizes: tuple, flip: bool) -> np.ndarray:
+                    sizes: tuple, flip: bool, amp: bool = False) -> np.ndarray:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(arch, num_classes)
     load_checkpoint(model, checkpoint)
@@ -272,7 +272,8 @@ def _evaluate_shard(arch: str, num_classes: int, checkpoint: str, samples: list[
     for sample in samples:
         label = load_label(sample.label)
         x = normalize(torch.from_numpy(load_image(sample.image))[None].to(device))
-        probs = predict_probs(model, x, sizes=list(sizes) or None, flip=flip, output_size=label.shape[::-1])
+        probs = predict_probs(model, x, sizes=list(sizes) or None, flip=flip, output_size=label.shape[::-1],
+                              autocast=amp)
         cm.update(probs.argmax(1)[0], label)
     return cm.matrix
 
@@ -287,7 +288,8 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str, samples: list[Sa
     c = cfg.compute
     shards = [samples[i::c.eval_workers] for i in range(c.eval_workers)]
     task = _evaluate_shard.options(num_gpus=1 if c.use_gpu else 0, num_cpus=c.cpus_per_worker)
-    refs = [task.remote(cfg.model.arch, cfg.num_classes, checkpoint, shard, sizes, flip)
+    amp = c.inference_amp and c.use_gpu  # fp16 autocast on the GPU only
+    refs = [task.remote(cfg.model.arch, cfg.num_classes, checkpoint, shard, sizes, flip, amp)
             for shard in shards if shard]
     return ConfusionMatrix(cfg.num_classes, sum(ray.get(refs)))
 

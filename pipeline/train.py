@@ -54,6 +54,7 @@ from pipeline.models import (
 
 CHECKPOINT_FILE = "checkpoint.pt"
 VAL_METRICS = ("mIoU-19", "mIoU-16", "mIoU-13", "pixel_accuracy")  # what "best" may be measured by
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")  # Ray placement groups
 Stage = Literal["source_only", "adversarial", "self_training", "oracle", "stvm"]
 
 
@@ -117,6 +118,9 @@ class TrainConfig:
     sync_batchnorm: bool = True
     log_every: int = 50
     num_workers: int = 1
+    # Ray placement of the stage's workers: STRICT_PACK keeps them on one node (NVLink), so
+    # DDP never all-reduces the gradients over TCP between nodes; PACK only prefers that.
+    placement_strategy: str = "STRICT_PACK"
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     loader_workers: int = 2  # DataLoader processes per training worker
@@ -147,6 +151,9 @@ class TrainConfig:
             raise ValueError(f"stvm settings apply to stage stvm only, not to {self.stage}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                             f"got {self.placement_strategy!r}")
         if self.cosine_period < 1:
             raise ValueError(f"cosine_period must be >= 1 (a factor of the stage's length; 1 anneals to the "
                              f"floor at the end), got {self.cosine_period}")
@@ -303,8 +310,10 @@ class LocalSession:
             shutil.rmtree(old)
 
 
-def _save(session, cfg, step, student, optimizer, scheduler, modules, metrics, best):
-    """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all of them)."""
+def _save(session, cfg, step, student, optimizer, scheduler, modules, scalers, metrics, best):
+    """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all of them).
+    ``scalers``: name -> GradScaler, saved so that a resumed run keeps its loss scale
+    instead of skipping its first steps as overflows from 65,536 down."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = None
         if distributed.rank() == 0:
@@ -319,12 +328,14 @@ def _save(session, cfg, step, student, optimizer, scheduler, modules, metrics, b
                 extras[name] = module.state_dict()
                 if opt is not None:
                     extras[f"{name}_optimizer"] = opt.state_dict()
+            for name, scaler in scalers.items():
+                extras[name] = scaler.state_dict()  # {} when AMP is off
             save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), student, **extras)
             directory = tmp
         session.report({"step": step, **metrics}, directory)
 
 
-def _restore(session, student, optimizer, scheduler, modules) -> tuple[int, dict]:
+def _restore(session, student, optimizer, scheduler, modules, scalers) -> tuple[int, dict]:
     """The step to continue after, and the best validation so far ({} when none)."""
     with session.latest_checkpoint() as path:
         if path is None:
@@ -336,6 +347,9 @@ def _restore(session, student, optimizer, scheduler, modules) -> tuple[int, dict
         module.load_state_dict(state[name])
         if opt is not None:
             opt.load_state_dict(state[f"{name}_optimizer"])
+    for name, scaler in scalers.items():
+        if state.get(name):  # absent from older checkpoints, empty from runs without AMP
+            scaler.load_state_dict(state[name])
     return int(state["step"]), dict(state.get("best", {}))
 
 
@@ -391,7 +405,8 @@ def evaluate_shard(model, samples: list[Sample], cfg: TrainConfig, device) -> Co
         label = load_label(sample.label)
         image, _ = normalize(load_image(sample.image), label, None)
         sizes = [tuple(cfg.eval_size)] if cfg.eval_size else None
-        probs = predict_probs(net, image[None], sizes=sizes, output_size=label.shape[::-1])
+        # under the stage's mixed precision (fp16 autocast on a GPU with amp; fp32 otherwise)
+        probs = predict_probs(net, image[None], sizes=sizes, output_size=label.shape[::-1], autocast=uses_amp(cfg))
         cm.update(probs.argmax(1)[0].cpu().numpy(), label)
     return ConfusionMatrix(cfg.num_classes, distributed.sum_array(cm.matrix, device))
 
@@ -416,9 +431,10 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] 
     method: Method = method_class(cfg)(cfg, student, device)
     modules = method.modules()
     method.model = session.prepare(student)
-    start, best = _restore(session, student, optimizer, scheduler, modules)
-    streams = method.streams(start)
     ctx = StepContext(uses_amp(cfg))
+    scalers = {"scaler": ctx.scaler, **method.scalers()}
+    start, best = _restore(session, student, optimizer, scheduler, modules, scalers)
+    streams = method.streams(start)
     val_samples = cfg.val.samples() if cfg.val is not None else []
     best_key = f"val/{cfg.val_metric}"
 
@@ -482,7 +498,7 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] 
         if is_last:
             break  # the final report comes after validation
         if step % cfg.checkpoint_every == 0:
-            _save(session, cfg, step, student, optimizer, scheduler, modules, metrics or {}, best)
+            _save(session, cfg, step, student, optimizer, scheduler, modules, scalers, metrics or {}, best)
         elif metrics is not None:  # every worker reports as often (Ray Train requires it)
             session.report({"step": step, **metrics}, None)
 
@@ -493,7 +509,7 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] 
         final_metrics.update(validate(cfg.iterations, final=True))
     if best:
         final_metrics.update({"best/step": best["step"], f"best/{best_key}": best["value"]})
-    _save(session, cfg, cfg.iterations, student, optimizer, scheduler, modules, final_metrics, best)
+    _save(session, cfg, cfg.iterations, student, optimizer, scheduler, modules, scalers, final_metrics, best)
     return final_metrics
 
 
@@ -525,6 +541,16 @@ def _kept(cfg: TrainConfig) -> dict[str, str]:
     return uris
 
 
+def scaling_config(cfg: TrainConfig):
+    """The stage's Ray Train workers: one GPU each (use_gpu), cpus_per_worker CPUs, placed
+    by placement_strategy (STRICT_PACK: all on one node)."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                   resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                   placement_strategy=cfg.placement_strategy)
+
+
 def fit(
     cfg: TrainConfig,
     on_step: Callable[[int, Method], None] | None = None,
@@ -538,13 +564,10 @@ def fit(
 
     check_config(cfg)
     fs, root = storage.arrow_filesystem(cfg.storage)
-    resources = {"CPU": cfg.cpus_per_worker}
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"config": config_lib.to_dict(cfg), "on_step": on_step},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=root,

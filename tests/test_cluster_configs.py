@@ -461,7 +461,8 @@ def test_rayjob_conforms_to_the_kuberay_v1_fields():
     docs = list(yaml.safe_load_all(text))
     assert rayjob_problems(docs) == []
     spec = docs[-1]["spec"]
-    assert spec["entrypoint"] == "python jobs/iast_round.py --config configs/gta5_cityscapes.yaml"
+    assert spec["entrypoint"] == ("python jobs/iast_round.py --config configs/gta5_cityscapes.yaml "
+                                  "compute.num_workers=2 compute.gpu_memory_gb=15.78")  # 16 GB V100s
     assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"
 
 

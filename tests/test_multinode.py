@@ -42,6 +42,7 @@ def test_a_round_spreads_over_two_nodes_and_labels_as_on_one(
         "self_training.selector": "cbst", "self_training.cbst_portion": 0.5,
         "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",  # MLflow's SQLite store must be local
         "compute.num_workers": 2, "compute.cpus_per_worker": 2,
+        "compute.placement_strategy": "SPREAD",  # one worker per node (the default packs them on one)
         "compute.label_workers": 2, "compute.cpus_per_label_worker": 2,
     })
     config_file = tmp_path / "tiny.yaml"

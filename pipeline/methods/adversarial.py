@@ -28,6 +28,9 @@ class Adversarial(Method):
     def modules(self):
         return {"discriminator": (self.discriminator, self.d_optimizer)}
 
+    def scalers(self):
+        return {"discriminator_scaler": self.d_scaler}
+
     def streams(self, start):
         cfg = self.cfg
         return {
@@ -51,12 +54,14 @@ class Adversarial(Method):
             group["lr"] = self.discriminator_lr(ctx.step)
         x, y = batch["main"]
         xt = batch["target"][0]
-        with ctx.autocast():
-            logits = self.model(x)
-            seg = cross_entropy(logits, y)
-        ctx.backward(seg)
         # The second backward runs separately, as the released code does: the source
-        # graph is freed first, which halves the peak activation memory.
+        # graph is freed first, which halves the peak activation memory. DDP all-reduces
+        # the student's gradients once, after the second (no_sync on the first).
+        with distributed.no_sync(self.model):
+            with ctx.autocast():
+                logits = self.model(x)
+                seg = cross_entropy(logits, y)
+            ctx.backward(seg)
         discriminator.requires_grad_(False)
         with ctx.autocast():
             target_logits = self.model(xt)

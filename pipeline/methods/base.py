@@ -67,6 +67,11 @@ class Method:
         """name -> (module, its optimiser or None): checkpointed and restored with the student."""
         return {}
 
+    def scalers(self) -> dict[str, torch.amp.GradScaler]:
+        """name -> the GradScaler of a module the method steps itself (the student's is the
+        loop's): checkpointed and restored with it."""
+        return {}
+
     def streams(self, start: int) -> dict[str, Iterator]:
         """name -> this worker's batch iterator from step ``start`` on."""
         raise NotImplementedError
