@@ -265,7 +265,6 @@ def _machine(tmp_path, gpus: str | None, torch_version: str = "2.13.0+cpu", pip_
     """A PATH with a fake nvidia-smi printing ``gpus`` (none: a CPU machine) and a fake
     python that reports ``torch_version`` and records its pip calls instead of running them."""
     import os
-    import stat
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -277,9 +276,20 @@ exit {1 if pip_fails else 0}
     if gpus is not None:
         scripts["nvidia-smi"] = f"#!/bin/sh\nprintf '{gpus}'\n"
     for name, text in scripts.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(stat.S_IRWXU)
+        _write_script(bin_dir / name, text)
     return {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}, str(bin_dir / "python")
+
+
+def _write_script(path, text: str) -> None:
+    """Written beside and renamed into place: a script still open for writing cannot be
+    executed (ETXTBSY), which a process forked meanwhile can cause."""
+    import os
+    import stat
+
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.chmod(stat.S_IRWXU)
+    os.replace(partial, path)
 
 
 def _install_torch(env, python, *args):
@@ -308,7 +318,7 @@ def test_the_check_refuses_the_wrong_build_with_the_command_and_passes_the_right
     assert run.returncode == 1
     assert f"{python} -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in run.stderr
     assert not (tmp_path / "pip.log").exists()  # a check installs nothing
-    (tmp_path / "bin" / "python").write_text("#!/bin/sh\necho 2.13.0+cu126\n")
+    _write_script(tmp_path / "bin" / "python", "#!/bin/sh\necho 2.13.0+cu126\n")
     assert _install_torch(env, python, "--check").returncode == 0
     assert _install_torch(env, python).returncode == 0 and not (tmp_path / "pip.log").exists()  # nothing to do
 
