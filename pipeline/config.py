@@ -135,7 +135,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:  # the job reports ConfigErrors; a YAML traceback helps no one
+            problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value of {key.strip()} is not valid YAML ({problem}); "
+                f"quote it: {key.strip()}='\"...\"'"
+            ) from None
     return data
 
 

@@ -35,8 +35,10 @@ metadata (generator checkpoint, selector and its parameters, config hash, round,
 is in ``manifest.json`` and in each file's schema metadata under ``iast``.
 
 Atomicity: every part is written to a temporary name and renamed (a single PUT on S3),
-and ``manifest.json`` is written only after all parts, so a crash leaves no complete-
-looking store. Prediction parts are the unit of resumption: a re-run keeps the parts
+and ``manifest.json`` is written only after all parts, so a crash, an unreachable
+storage or a full disk leaves no complete-looking store and no part that looks
+finished but is not; the failure is a ``storage.StorageError`` naming the part's URI.
+Temporaries a failed write could not remove are removed by the commit. Prediction parts are the unit of resumption: a re-run keeps the parts
 made with the same configuration hash and computes only the missing ones.
 """
 
@@ -56,6 +58,7 @@ from pipeline import storage
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+_TMP_PREFIX = ".tmp-"
 _META_KEY = b"iast"
 
 PREDICTION_SCHEMA = pa.schema(
@@ -119,18 +122,39 @@ class LabelStore:
     def _exists(self, path: str) -> bool:
         return self._fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
+    def _uri(self, path: str) -> str:
+        return self.uri + path[len(self._root.rstrip("/")):]
+
     def _write_atomic(self, path: str, write) -> None:
         parent = path.rsplit("/", 1)[0]
-        self._fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        tmp = f"{parent}/{_TMP_PREFIX}{uuid.uuid4().hex}"
+        with storage.failures_named("writing", self._uri(path)):
+            try:
+                self._fs.create_dir(parent, recursive=True)
+                with self._fs.open_output_stream(tmp) as out:
+                    write(out)
+                self._fs.move(tmp, path)
+            except BaseException:
+                self._remove_quietly(tmp)
+                raise
+
+    def _remove_quietly(self, path: str) -> None:
+        """Best effort: the storage that just failed may fail again, and that second
+        error must not hide the first. A leftover temporary is never read, and
+        ``commit`` removes it."""
         try:
-            with self._fs.open_output_stream(tmp) as out:
-                write(out)
-            self._fs.move(tmp, path)
-        except BaseException:
-            if self._exists(tmp):
-                self._fs.delete_file(tmp)
-            raise
+            if self._exists(path):
+                self._fs.delete_file(path)
+        except OSError:
+            pass
+
+    def _remove_temporaries(self) -> None:
+        """Temporaries of writes that failed after their data was stored (on S3 a move is
+        a copy and a delete: the copy may succeed and the delete not)."""
+        for folder in (self._path("predictions"), self._path("labels"), self._path()):
+            for info in self._fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True)):
+                if info.base_name.startswith(_TMP_PREFIX):
+                    self._fs.delete_file(info.path)
 
     # -- completeness ----------------------------------------------------------------
     def is_complete(self) -> bool:
@@ -149,6 +173,8 @@ class LabelStore:
     def commit(self, manifest: dict) -> None:
         """Mark the store complete. Call only after every label part is written."""
         data = json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2).encode()
+        with storage.failures_named("cleaning up", self.uri):
+            self._remove_temporaries()
         self._write_atomic(self._path(MANIFEST), lambda out: out.write(data))
 
     def invalidate(self) -> None:

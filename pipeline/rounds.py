@@ -104,7 +104,9 @@ def _stage_metrics(metrics: dict) -> dict:
 
 def _train_tracked(cfg: ExperimentConfig, stage: str, run_id: str, tracker: ExperimentTracker,
                    train_cfg: train.TrainConfig) -> StageRecord:
-    result = train.fit(train_cfg, callbacks=[tracker.report_callback(run_id)])
+    reports = tracker.report_callback(run_id)
+    result = train.fit(train_cfg, callbacks=[reports])
+    reports.deliver_pending()  # what the callback could not send while MLflow was unreachable
     metrics = _val_metrics(result.metrics)
     if metrics:
         tracker.log_validation(run_id, metrics, step=train_cfg.iterations)

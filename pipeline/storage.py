@@ -7,11 +7,15 @@ S3-compatible endpoint is taken from ``AWS_ENDPOINT_URL``.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
-from typing import IO
+import uuid
+from contextlib import contextmanager
+from typing import IO, Iterator
 
+import botocore.exceptions
 import fsspec
 import pyarrow.fs
 
@@ -19,6 +23,48 @@ _SUPPORTED = ("file", "s3")
 # what a mistyped URI looks like as a local path: "s3//bucket", "s3:/bucket", "s3:bucket"
 _MISTYPED = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)(//|:/?)(?!/)")
 _KNOWN_SCHEMES = ("s3", "s3a", "gs", "gcs", "hdfs", "abfs", "az", "http", "https", "file")
+
+
+class StorageError(OSError):
+    """A read or write the storage refused or could not do (endpoint unreachable, disk
+    full, ...), with the URI it was for and what to do. An OSError, so that whatever
+    handles OSError handles it too."""
+
+
+# s3fs passes botocore's connection errors through; they are not OSErrors
+_FAILURES = (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+_UNREACHABLE = ("NETWORK_CONNECTION", "Could not connect", "Connection refused", "Connection reset",
+                "Connection was closed")
+
+
+def storage_error(action: str, uri: str, err: BaseException) -> StorageError:
+    """``err`` of ``action`` on ``uri`` as a StorageError that names both and the fix."""
+    text, code = str(err) or type(err).__name__, getattr(err, "errno", None)
+    if code == errno.ENOSPC or "No space left" in text:  # pyarrow's OSErrors carry no errno
+        code = errno.ENOSPC
+        hint = ("the disk is full: free space there or choose another output, then run the same "
+                "command again (finished work is kept)")
+    elif isinstance(err, botocore.exceptions.EndpointConnectionError) or any(m in text for m in _UNREACHABLE):
+        hint = ("the storage is unreachable: check the network and AWS_ENDPOINT_URL, then run the "
+                "same command again (finished work is kept)")
+    else:
+        hint = "check the storage and run the same command again (finished work is kept)"
+    failure = StorageError(f"{action} {uri} failed: {text}; {hint}")
+    failure.uri = uri  # (not .filename: OSError would print it instead of the message)
+    failure.errno = code
+    return failure
+
+
+@contextmanager
+def failures_named(action: str, uri: str) -> Iterator[None]:
+    """Storage failures inside the block raised as a StorageError naming ``uri``; a
+    missing file stays a FileNotFoundError (callers test for it)."""
+    try:
+        yield
+    except (FileNotFoundError, StorageError):
+        raise
+    except _FAILURES as err:
+        raise storage_error(action, uri, err) from err
 
 
 def scheme(uri: str) -> str:
@@ -107,14 +153,29 @@ def open_file(uri: str, mode: str = "rb") -> IO:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    with failures_named("checking", uri):
+        return fs.exists(path)
 
 
 def read_bytes(uri: str) -> bytes:
-    with open_file(uri, "rb") as f:
+    with failures_named("reading", uri), open_file(uri, "rb") as f:
         return f.read()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    with open_file(uri, "wb") as f:
-        f.write(data)
+    """All of ``data`` or nothing at ``uri``: a local file is written under a temporary
+    name and renamed (a full disk leaves no half file); an object PUT is atomic."""
+    with failures_named("writing", uri):
+        if scheme(uri) != "file":
+            with open_file(uri, "wb") as f:
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(uri)) or ".", exist_ok=True)
+        temporary = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(temporary, "wb") as f:
+                f.write(data)
+            os.replace(temporary, uri)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)

@@ -87,12 +87,16 @@ Artifacts: ``config.yaml`` (the resolved configuration, scrubbed the same way),
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray.train
@@ -115,6 +119,8 @@ VALIDATION_KEYS = {f"IoU/{name}" for name in CLASS_NAMES} | {"mIoU-19", "mIoU-16
 ROUND_SERIES = ("val/mIoU-19", "val/mIoU-16", "val/mIoU-13", "pseudo/precision", "pseudo/coverage")
 ORACLE_KEYS = ("val/mIoU-19", "val/mIoU-16", "val/mIoU-13")
 FINAL_KEYS = (*ORACLE_KEYS, "val/pixel_accuracy")  # per class: on the final_eval run
+
+logger = logging.getLogger(__name__)
 
 _SECRET_KEY = re.compile(r"(^|[._-])(key|secret|token|password|passwd|credentials?)s?($|[._-])", re.IGNORECASE)
 _USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
@@ -478,20 +484,99 @@ class ParamsChanged(ValueError):
     """A run's params were logged with other values (MLflow params cannot change)."""
 
 
+@contextmanager
+def _fail_fast() -> Iterator[None]:
+    """MLflow's HTTP client retries a failed request for minutes by default; a report
+    that cannot be delivered now is kept and sent with the next one instead, so one
+    try, and a short timeout for a server that hangs. (Process-wide environment: the
+    callback runs alone in Ray Train's controller.)"""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class ReportToMlflow(ray.train.UserCallback):
     """``RunConfig(callbacks=[tracker.report_callback(run_id)])``: logs rank 0's report
     (``train/...``, ``val/...``) at its ``step`` entry as each report arrives. Runs in
-    Ray Train's controller, so the tracking URI must be reachable from the head node."""
+    Ray Train's controller, so the tracking URI must be reachable from the head node.
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    An unreachable tracking server does not stop training: a report that cannot be
+    delivered is kept, with its own step and time, and sent with the next report that
+    gets through; the first failure is warned about once, with the count held, and the
+    recovery too. The held metrics are also written to ``pending_file`` (a local file:
+    Ray Train places its controller on the driver's node), so that what is still held
+    when the stage ends is delivered by the driver's `deliver_pending`, or reported
+    there as lost with its count."""
+
+    def __init__(self, tracking_uri: str, run_id: str, pending_file: str | None = None):
         self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.pending_file = pending_file or os.path.join(
+            tempfile.gettempdir(), f"mlflow-pending-{run_id}-{uuid.uuid4().hex[:8]}.jsonl")
+        self._pending: list[Metric] = []
+        self._failing = False
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         report = metrics[0]
         timestamp, step = _now(), int(report.get("step", 0))
         items = [Metric(k, float(v), timestamp, step) for k, v in report.items() if k != "step" and _defined(v)]
-        if items:
-            MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=items[:MAX_METRICS_PER_BATCH])
+        self._pending += items[:MAX_METRICS_PER_BATCH]
+        self._send()
+
+    def deliver_pending(self) -> int:
+        """On the driver, after the stage: send what the controller still held (read from
+        ``pending_file``). Returns the number of metrics still undelivered (0: all in
+        MLflow), which are then warned about and kept in the file."""
+        if not self._pending and os.path.exists(self.pending_file):
+            with open(self.pending_file) as f:
+                self._pending = [Metric(*json.loads(line)) for line in f]
+        if self._pending and not self._send():
+            logger.warning(
+                "%d training metrics of MLflow run %s were not delivered to %s (unreachable); they are kept "
+                "in %s (one JSON [key, value, timestamp, step] a line)",
+                len(self._pending), self.run_id, scrub_uri(self.tracking_uri), self.pending_file)
+        return len(self._pending)
+
+    def _send(self) -> bool:
+        """Deliver the held metrics in order; False (and kept) if the server fails."""
+        held = len(self._pending)
+        try:
+            with _fail_fast():
+                client = MlflowClient(self.tracking_uri)
+                while self._pending:
+                    client.log_batch(self.run_id, metrics=self._pending[:MAX_METRICS_PER_BATCH])
+                    del self._pending[:MAX_METRICS_PER_BATCH]
+        except Exception as err:  # requests' or MLflow's error: any failure of the server
+            if not self._failing:
+                logger.warning(
+                    "MLflow at %s is unreachable (%s): training goes on; its metrics are kept and sent "
+                    "when the server answers again (%d held now)",
+                    scrub_uri(self.tracking_uri), type(err).__name__, len(self._pending))
+            self._failing = True
+            self._write_pending()
+            return False
+        if self._failing:
+            logger.warning("MLflow at %s answers again: %d held metrics delivered", scrub_uri(self.tracking_uri), held)
+        self._failing = False
+        self._write_pending()
+        return True
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            if os.path.exists(self.pending_file):
+                os.remove(self.pending_file)
+            return
+        temporary = f"{self.pending_file}.tmp"
+        with open(temporary, "w") as f:
+            f.writelines(json.dumps([m.key, m.value, m.timestamp, m.step]) + "\n" for m in self._pending)
+        os.replace(temporary, self.pending_file)  # the driver never reads half a file
 
 
 def iou_chart(summary: dict[str, float], path: str) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import pickle
 import re
+import time
 
 import numpy as np
 import pytest
@@ -179,6 +182,33 @@ def test_training_reports(store):
     assert "train/ignored_reg" not in metrics and "step" not in metrics
     history = [(m.step, m.value) for m in client.get_metric_history(run, "train/loss")]
     assert sorted(history) == [(50, 1.5), (100, 1.1)]  # rank 0's values at the reported steps
+
+
+def test_reports_to_an_unreachable_server_are_held_not_raised(tmp_path, caplog):
+    from s3_server import _free_port
+
+    pending = str(tmp_path / "pending.jsonl")
+    callback = tracking.ReportToMlflow(f"http://127.0.0.1:{_free_port()}", "0123abcd", pending)  # nothing listens
+    driver_copy = pickle.loads(pickle.dumps(callback))  # Ray Train runs a copy in its controller
+    start = time.monotonic()
+    with caplog.at_level("WARNING", "pipeline.tracking"):
+        for step in (1, 2, 3):
+            callback.after_report(None, [{"step": step, "train/loss": 1.0 / step, "train/lr": 0.1}], None)
+    assert time.monotonic() - start < 15  # one try a report, not MLflow's minutes of retries
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "unreachable" in warned[0] and "training goes on" in warned[0]
+    assert "(2 held now)" in warned[0]
+    with open(pending) as f:
+        held = [json.loads(line) for line in f]
+    assert [(key, value, step) for key, value, _, step in held] == [
+        ("train/loss", 1.0, 1), ("train/lr", 0.1, 1), ("train/loss", 0.5, 2), ("train/lr", 0.1, 2),
+        ("train/loss", 1 / 3, 3), ("train/lr", 0.1, 3)]
+
+    caplog.clear()
+    with caplog.at_level("WARNING", "pipeline.tracking"):
+        assert driver_copy.deliver_pending() == 6  # the driver's copy reads what its controller held
+    assert "6 training metrics of MLflow run 0123abcd were not delivered" in caplog.text
+    assert pending in caplog.text and os.path.exists(pending)
 
 
 def test_pseudo_label_statistics_lineage_and_previews(store, tmp_path):

@@ -33,6 +33,8 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "cityscapes": ("train", "val"),
 }
 DATASETS: tuple[str, ...] = tuple(SPLITS)
+PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last bytes of every whole PNG
+JPEG_END = b"\xff\xd9"  # the end-of-image marker
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def list_samples(
             f"no prepared list {uri}: run `python jobs/prepare_data.py --dataset {dataset} "
             f"--root {root}" + (f" --out {prepared}`" if prepared != root else "`")
         )
-    samples = []
+    samples, seen = [], {}
     for number, line in enumerate(storage.read_bytes(uri).decode().splitlines(), 1):
         fields = line.split("\t")
         if len(fields) not in (2, 3):
@@ -122,8 +124,16 @@ def list_samples(
                 f"{uri} line {number}: expected name, image and optional label separated "
                 f"by tabs, got {line!r}; re-run jobs/prepare_data.py"
             )
+        if fields[0] in seen:  # a frame twice would be trained on and labelled twice
+            raise ValueError(
+                f"{uri} line {number}: frame {fields[0]} listed again (first on line {seen[fields[0]]}); "
+                "re-run jobs/prepare_data.py"
+            )
+        seen[fields[0]] = number
         label = storage.join(prepared, fields[2]) if len(fields) == 3 else None
         samples.append(Sample(fields[0], storage.join(root, fields[1]), label))
+    if not samples:
+        raise ValueError(f"{uri} lists no frames: re-run jobs/prepare_data.py")
     return samples
 
 
@@ -137,6 +147,10 @@ def _open_image(uri: str) -> Image.Image:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ValueError(f"{uri}: unreadable or corrupt image ({e})") from None
+    # cut in its last bytes, a file may still decode: its end marker tells
+    if (image.format == "PNG" and not data.endswith(PNG_END)) or (
+            image.format == "JPEG" and not data.endswith(JPEG_END)):
+        raise ValueError(f"{uri}: unreadable or corrupt image (truncated: no {image.format} end marker); copy it again")
     return image
 
 

@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.data.datasets import (
+    PNG_END,
     SPLITS,
     check_dataset,
     list_uri,
@@ -280,7 +281,12 @@ def _open_png(data: bytes, rel: str) -> Image.Image:
         raise ValueError(f"{rel}: unreadable or corrupt image ({e})") from None
     if image.format != "PNG":
         raise ValueError(f"{rel}: expected a PNG file, found {image.format}")
+    if not data.endswith(PNG_END):  # cut in its last chunk, the pixels may still decode
+        raise ValueError(f"{rel}: unreadable or corrupt image (truncated: no PNG end chunk); copy it again")
     return image
+
+
+_IMAGE_MODES = ("RGB", "RGBA", "P", "L")  # 8-bit; what load_image converts to RGB without loss
 
 
 def _load(image: Image.Image, rel: str) -> Image.Image:
@@ -376,6 +382,8 @@ def _prepare_frame(task: tuple[str, str, str, str, Frame]) -> _Result:
         result.image_sha256 = hashlib.sha256(data).hexdigest()
         image = _load(_open_png(data, frame.image), frame.image)
         result.width, result.height = image.size
+        if image.mode not in _IMAGE_MODES:
+            raise ValueError(f"{frame.image}: expected an 8-bit RGB image, got mode {image.mode}")
     except ValueError as e:
         result.problems.append(str(e))
     if frame.label is None:
