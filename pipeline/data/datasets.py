@@ -77,6 +77,27 @@ class DataConfig:
         return digest.hexdigest()[:16]
 
 
+    def stats_uri(self) -> str:
+        return stats_uri(self.prepared or self.root, self.dataset, self.split)
+
+    def label_space(self) -> str | None:
+        """The label space the prepared train ids are in (None: an older preparation, or
+        Cityscapes-19, which leaves it unwritten so that its files stay as they were)."""
+        return prepared_label_space(self.stats_uri())
+
+
+def prepared_label_space(stats: str) -> str | None:
+    """The ``label_space`` that ``jobs/prepare_data.py`` wrote into a statistics file."""
+    import pyarrow.parquet as pq
+
+    if not storage.exists(stats):
+        return None
+    with storage.open_file(stats, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    value = meta.get(b"label_space")
+    return value.decode() if value else None
+
+
 def check_split(dataset: str, split: str) -> None:
     check_dataset(dataset)
     if split not in SPLITS[dataset]:

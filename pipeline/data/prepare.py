@@ -32,11 +32,13 @@ Outputs under ``out`` (default: the root), read by ``pipeline.data.datasets``:
   name           string       frame name
   width, height  int32        image size in pixels
   image_sha256   string       digest of the image file (a re-rendered frame changes it)
-  class_pixels   list<int64>  pixel count of each train id 0..18 (19 values)
+  class_pixels   list<int64>  pixel count of each train id 0..K-1 of the label space
   ignore_pixels  int64        pixels labelled 255
   ============== ============ ================================================
 
-  (``class_pixels`` and ``ignore_pixels`` are null in an unlabeled split).
+  (``class_pixels`` and ``ignore_pixels`` are null in an unlabeled split). A label space
+  other than Cityscapes-19 is named in the file's schema metadata (``label_space``), which
+  the experiment checks against its own.
 
 Every file is written under a temporary name and renamed (object stores: one PUT), and
 train-id files of frames no longer listed are removed, so a re-run overwrites cleanly.
@@ -66,14 +68,7 @@ from pipeline.data.datasets import (
     stats_uri,
     trainid_path,
 )
-from pipeline.labels import (
-    CITYSCAPES_ID_TO_TRAIN,
-    GTA5_ID_TO_TRAIN,
-    IGNORE_INDEX,
-    NUM_CLASSES,
-    SYNTHIA_ID_TO_TRAIN,
-    SYNTHIA_KNOWN_IDS,
-)
+from pipeline.labels import CITYSCAPES19, IGNORE_INDEX, SYNTHIA_KNOWN_IDS, LabelSpace, label_space
 
 
 def _frames(first: int, last: int) -> set[str]:
@@ -97,11 +92,9 @@ _CITYSCAPES_KNOWN[[lab.id for lab in _CITYSCAPES_LABELS if lab.id >= 0]] = True
 _SYNTHIA_KNOWN = np.zeros(65536, dtype=bool)
 _SYNTHIA_KNOWN[sorted(SYNTHIA_KNOWN_IDS)] = True
 
-_ID_TABLES = {  # dataset -> (label id -> train id, known label ids)
-    "gta5": (GTA5_ID_TO_TRAIN, _CITYSCAPES_KNOWN),
-    "synthia": (SYNTHIA_ID_TO_TRAIN, _SYNTHIA_KNOWN),
-    "cityscapes": (CITYSCAPES_ID_TO_TRAIN, _CITYSCAPES_KNOWN),
-}
+_KNOWN_IDS = {"gta5": _CITYSCAPES_KNOWN, "synthia": _SYNTHIA_KNOWN, "cityscapes": _CITYSCAPES_KNOWN}
+# The label space a dataset is prepared in unless --label-space says otherwise.
+DEFAULT_LABEL_SPACE = {"gta5": "cityscapes19", "synthia": "cityscapes19", "cityscapes": "cityscapes19"}
 
 _CITYSCAPES_IGNORED = (
     "_gtFine_color.png",
@@ -145,6 +138,7 @@ class Frame:
 class Prepared:
     dataset: str
     out: str
+    label_space: str
     frames: dict[str, int]  # split -> frames listed
     unlabeled: tuple[str, ...]  # splits prepared without labels
     excluded: tuple[str, ...]  # known-bad frames left out (those of GTA5_RELEASED_EXCLUDED present)
@@ -367,9 +361,10 @@ def _encode_png(label: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _prepare_frame(task: tuple[str, str, str, str, Frame]) -> _Result:
+def _prepare_frame(task: tuple[str, str, str, str, Frame, str]) -> _Result:
     """Check one frame; write its train-id label if it is valid."""
-    dataset, root, out, split, frame = task
+    dataset, root, out, split, frame, space_name = task
+    space = label_space(space_name)
     result = _Result(frame.name)
     try:
         data = _read(root, frame.image)
@@ -394,7 +389,7 @@ def _prepare_frame(task: tuple[str, str, str, str, Frame]) -> _Result:
             f"{frame.label}: size {ids.shape[1]}x{ids.shape[0]} differs from image "
             f"{frame.image} ({result.width}x{result.height})"
         )
-    to_train, known = _ID_TABLES[dataset]
+    to_train, known = space.raw_to_train(dataset), _KNOWN_IDS[dataset]
     counts = np.bincount(ids.ravel(), minlength=known.size)
     unknown = np.flatnonzero((counts > 0) & ~known)
     if unknown.size:
@@ -406,7 +401,7 @@ def _prepare_frame(task: tuple[str, str, str, str, Frame]) -> _Result:
     if result.problems:
         return result
     per_train_id = np.bincount(to_train, weights=counts, minlength=256).astype(np.int64)
-    result.class_pixels = per_train_id[:NUM_CLASSES].tolist()
+    result.class_pixels = per_train_id[:space.num_classes].tolist()
     result.ignore_pixels = int(per_train_id[IGNORE_INDEX])
     _write_atomic(
         storage.join(out, trainid_path(dataset, split, frame.name)), _encode_png(to_train[ids])
@@ -441,7 +436,7 @@ def _remove_stale(out: str, dataset: str, split: str, keep: set[str]) -> None:
 
 
 def _write_split(
-    dataset: str, out: str, split: str, frames: list[Frame], results: list[_Result]
+    dataset: str, out: str, split: str, frames: list[Frame], results: list[_Result], space: LabelSpace
 ) -> None:
     lines = []
     for frame in frames:
@@ -460,8 +455,11 @@ def _write_split(
         }
         for r in results
     ]
+    schema = _STATS_SCHEMA
+    if space is not CITYSCAPES19:  # Cityscapes-19 leaves it out: its files stay byte-identical to older ones
+        schema = schema.with_metadata({"label_space": space.name})
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=_STATS_SCHEMA), buffer)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
     _write_atomic(stats_uri(out, dataset, split), buffer.getvalue())
     _write_atomic(list_uri(out, dataset, split), "".join(lines).encode())
     labeled = {f"{f.name}.png" for f in frames if f.label is not None}
@@ -478,32 +476,45 @@ def _run(tasks: list, workers: int) -> list[_Result]:
         return list(tqdm(pool.map(_prepare_frame, tasks, chunksize=chunksize), **progress))
 
 
-def prepare(dataset: str, root: str, out: str | None = None, workers: int | None = None) -> Prepared:
+def default_out(dataset: str, root: str, space: str) -> str:
+    """Where a dataset's preparation goes by default: the root, or ``<root>/prepared_<space>``
+    for a label space other than the dataset's own (so that the two never overwrite each other)."""
+    return root if space == DEFAULT_LABEL_SPACE[dataset] else storage.join(root, f"prepared_{space}")
+
+
+def prepare(dataset: str, root: str, out: str | None = None, workers: int | None = None,
+            space: str | None = None) -> Prepared:
     """Validate ``root`` as ``dataset``; write train-id labels, lists and statistics to ``out``.
 
+    ``space``: the label space the train ids are in (default: the dataset's own; another,
+    e.g. Cityscapes in nthu13, is written to ``default_out`` unless ``out`` is given).
     Raises ``DatasetError`` listing every problem found (nothing but the train-id files
     of valid frames is written then).
     """
+    check_dataset(dataset)
+    space = label_space(space or DEFAULT_LABEL_SPACE[dataset])
+    space.raw_to_train(dataset)  # raises if the dataset's labels do not map into the space
     storage.check_uri(root)
-    out = storage.check_uri(out or root)
+    out = storage.check_uri(out or default_out(dataset, root, space.name))
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     frames, excluded, problems = scan(dataset, root)
-    tasks = [(dataset, root, out, split, f) for split in frames for f in frames[split]]
+    tasks = [(dataset, root, out, split, f, space.name) for split in frames for f in frames[split]]
     results = _run(tasks, workers)
     problems += [p for r in results for p in r.problems]
     if problems:
         raise DatasetError(dataset, root, sorted(problems))
 
     by_split: dict[str, list[_Result]] = {split: [] for split in frames}
-    for (_, _, _, split, _), result in zip(tasks, results):
+    for (_, _, _, split, _, _), result in zip(tasks, results):
         by_split[split].append(result)
     for split in frames:
-        _write_split(dataset, out, split, frames[split], by_split[split])
+        _write_split(dataset, out, split, frames[split], by_split[split], space)
     return Prepared(
         dataset=dataset,
         out=out,
+        label_space=space.name,
         frames={split: len(frames[split]) for split in frames},
         unlabeled=tuple(s for s in frames if any(f.label is None for f in frames[s])),
         excluded=excluded,
