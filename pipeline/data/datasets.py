@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -98,11 +99,20 @@ def prepared_label_space(stats: str) -> str | None:
     return value.decode() if value else None
 
 
+# Semi-supervised Cityscapes (jobs/prepare_data.py --semi): train's labelled share and the
+# rest, e.g. train_labeled_1-8 / train_unlabeled_1-8 (a fraction), train_labeled_372 (a count).
+SEMI_SPLIT = re.compile(r"train_(labeled|unlabeled)_(\d+-\d+|\d+)")
+
+
 def check_split(dataset: str, split: str) -> None:
     check_dataset(dataset)
+    if dataset == "cityscapes" and SEMI_SPLIT.fullmatch(split):
+        return
     if split not in SPLITS[dataset]:
         raise ValueError(
             f"{dataset} has no split {split!r}: use one of {', '.join(SPLITS[dataset])}"
+            + (" (or train_labeled_<F> / train_unlabeled_<F> written by jobs/prepare_data.py --semi F)"
+               if dataset == "cityscapes" else "")
         )
 
 

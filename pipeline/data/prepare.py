@@ -48,10 +48,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
@@ -436,13 +438,15 @@ def _remove_stale(out: str, dataset: str, split: str, keep: set[str]) -> None:
 
 
 def _write_split(
-    dataset: str, out: str, split: str, frames: list[Frame], results: list[_Result], space: LabelSpace
+    dataset: str, out: str, split: str, frames: list[Frame], results: list[_Result], space: LabelSpace,
+    label_split: str | None = None,
 ) -> None:
+    """``label_split``: the split whose train-id files the list points at (default: its own)."""
     lines = []
     for frame in frames:
         fields = [frame.name, frame.image]
         if frame.label is not None:
-            fields.append(trainid_path(dataset, split, frame.name))
+            fields.append(trainid_path(dataset, label_split or split, frame.name))
         lines.append("\t".join(fields) + "\n")
     rows = [
         {
@@ -462,8 +466,8 @@ def _write_split(
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
     _write_atomic(stats_uri(out, dataset, split), buffer.getvalue())
     _write_atomic(list_uri(out, dataset, split), "".join(lines).encode())
-    labeled = {f"{f.name}.png" for f in frames if f.label is not None}
-    _remove_stale(out, dataset, split, labeled)
+    if label_split is None:
+        _remove_stale(out, dataset, split, {f"{f.name}.png" for f in frames if f.label is not None})
 
 
 def _run(tasks: list, workers: int) -> list[_Result]:
@@ -482,12 +486,71 @@ def default_out(dataset: str, root: str, space: str) -> str:
     return root if space == DEFAULT_LABEL_SPACE[dataset] else storage.join(root, f"prepared_{space}")
 
 
+# ---------------------------------------------------------------------------- semi-supervised
+
+# The seed of the one permutation of Cityscapes train that every semi-supervised split takes
+# its first N frames of (so 1/8 is inside 1/4, inside 1/2, as in ClassMix's protocol). The
+# order is written (lists/cityscapes_train_order.txt) and reused, never drawn again.
+SEMI_SEED = 0
+
+
+def semi_tag(semi: str) -> str:
+    """The split suffix of a --semi value: "1/8" -> "1-8", "372" -> "372"."""
+    return semi.replace("/", "-")
+
+
+def semi_count(semi: str, total: int) -> int:
+    """How many train frames a --semi value labels: a fraction (rounded up, as 372 of 2,975
+    for 1/8) or a count. Raises ValueError naming the fix."""
+    try:
+        value = Fraction(semi)
+    except (ValueError, ZeroDivisionError):
+        value = None
+    if value is None or value <= 0 or ("/" in semi and value >= 1) or ("/" not in semi and value.denominator != 1):
+        raise ValueError(f"--semi {semi}: give a fraction below 1 (1/8, 1/4, 1/2) or a number of frames (372)")
+    count = math.ceil(value * total) if "/" in semi else int(value)
+    if not 1 <= count < total:
+        raise ValueError(f"--semi {semi}: labels {count} of the {total} train frames; at least one frame must be "
+                         "labelled and one left unlabelled")
+    return count
+
+
+def _semi_order(out: str, names: list[str], problems: list[str]) -> tuple[list[str], bool]:
+    """The fixed order of the train frames (and whether it is new): read, or drawn once."""
+    uri = storage.join(out, "lists", "cityscapes_train_order.txt")
+    if storage.exists(uri):
+        order = storage.read_bytes(uri).decode().split()
+        if sorted(order) != names:
+            problems.append(f"{uri}: holds {len(set(order) - set(names))} frame(s) not in train and misses "
+                            f"{len(set(names) - set(order))}; delete it to draw a new order (a new split)")
+        return order, False
+    return [names[i] for i in np.random.default_rng(SEMI_SEED).permutation(len(names))], True
+
+
+def _write_semi(out: str, semi: str, order: list[str], new_order: bool, frames: list[Frame],
+                results: list[_Result], space: LabelSpace) -> dict[str, int]:
+    labeled = set(order[:semi_count(semi, len(order))])
+    if new_order:
+        _write_atomic(storage.join(out, "lists", "cityscapes_train_order.txt"), "".join(f"{n}\n" for n in order).encode())
+    counts = {}
+    for kind, keep in (("labeled", True), ("unlabeled", False)):
+        split = f"train_{kind}_{semi_tag(semi)}"
+        chosen = [(f, r) for f, r in zip(frames, results) if (f.name in labeled) == keep]
+        _write_split("cityscapes", out, split, [f for f, _ in chosen], [r for _, r in chosen], space, "train")
+        counts[split] = len(chosen)
+    return counts
+
+
 def prepare(dataset: str, root: str, out: str | None = None, workers: int | None = None,
-            space: str | None = None) -> Prepared:
+            space: str | None = None, semi: str | None = None) -> Prepared:
     """Validate ``root`` as ``dataset``; write train-id labels, lists and statistics to ``out``.
 
     ``space``: the label space the train ids are in (default: the dataset's own; another,
     e.g. Cityscapes in nthu13, is written to ``default_out`` unless ``out`` is given).
+    ``semi`` (Cityscapes): also split train into ``train_labeled_<tag>`` (its first
+    ``semi_count`` frames in the fixed order of ``SEMI_SEED``) and ``train_unlabeled_<tag>``
+    (the rest; its list keeps the label paths, read only for pseudo-label statistics, as any
+    target's labels are).
     Raises ``DatasetError`` listing every problem found (nothing but the train-id files
     of valid frames is written then).
     """
@@ -499,7 +562,18 @@ def prepare(dataset: str, root: str, out: str | None = None, workers: int | None
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    if semi is not None and dataset != "cityscapes":
+        raise ValueError(f"--semi splits Cityscapes train, not {dataset}")
     frames, excluded, problems = scan(dataset, root)
+    if semi is not None:
+        train = frames.get("train", [])
+        if any(f.label is None for f in train):
+            problems.append("gtFine/train/: folder not found (a semi-supervised split needs train's labels)")
+        try:
+            semi_count(semi, len(train))
+        except ValueError as err:
+            problems.append(str(err))
+        order, new_order = _semi_order(out, sorted(f.name for f in train), problems)
     tasks = [(dataset, root, out, split, f, space.name) for split in frames for f in frames[split]]
     results = _run(tasks, workers)
     problems += [p for r in results for p in r.problems]
@@ -511,11 +585,14 @@ def prepare(dataset: str, root: str, out: str | None = None, workers: int | None
         by_split[split].append(result)
     for split in frames:
         _write_split(dataset, out, split, frames[split], by_split[split], space)
+    counts = {split: len(frames[split]) for split in frames}
+    if semi is not None:
+        counts.update(_write_semi(out, semi, order, new_order, frames["train"], by_split["train"], space))
     return Prepared(
         dataset=dataset,
         out=out,
         label_space=space.name,
-        frames={split: len(frames[split]) for split in frames},
+        frames=counts,
         unlabeled=tuple(s for s in frames if any(f.label is None for f in frames[s])),
         excluded=excluded,
     )
