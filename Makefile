@@ -22,7 +22,7 @@ endif
 
 .PHONY: install system-packages test test-slow demo benchmark-data ablation compare-methods bench mlflow-ui clean \
         prepare-gta5 prepare-synthia prepare-cityscapes reproduce-gta5 reproduce-synthia \
-        reproduce-gta5-stvm reproduce-synthia-stvm benchmark-semi reproduce-semi
+        reproduce-gta5-stvm reproduce-synthia-stvm benchmark-semi reproduce-semi prepare-nthu reproduce-nthu
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo ">> installing into $(VENV)/ (torch CPU, Ray, MLflow, ...; ~2 min on a fresh machine)"
@@ -145,6 +145,21 @@ reproduce-semi: $(STAMP)
 	$(call semi_split,$(CITYSCAPES))
 	$(PY) jobs/run_experiment.py --config configs/cityscapes_semi.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
 		$(call semi_args,cityscapes_semi,$(CITYSCAPES))
+
+# Cityscapes -> NTHU Cross-City, one CITY (Rome, Rio, Tokyo, Taipei) a run, in 13 classes.
+NTHU ?= data/NTHU
+CITY ?= Rome
+city = $(shell echo $(strip $(CITY)) | tr A-Z a-z)
+prepare-nthu: $(STAMP)
+	$(PY) jobs/prepare_data.py --dataset cityscapes --root $(CITYSCAPES) --label-space nthu13
+	$(PY) jobs/prepare_data.py --dataset nthu --root $(NTHU) --city $(strip $(CITY))
+
+reproduce-nthu: $(STAMP)
+	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
+	$(PY) jobs/run_experiment.py --config configs/cityscapes_nthu.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
+		name=cityscapes_nthu_$(city) output=outputs/cityscapes_nthu_$(city) \
+		data.source.root=$(CITYSCAPES) data.source.prepared=$(CITYSCAPES)/prepared_nthu13 \
+		data.target.root=$(NTHU) data.target.split=$(city)_train data.val.root=$(NTHU) data.val.split=$(city)_test
 
 clean:
 	rm -rf $(strip $(OUT)) .pytest_cache

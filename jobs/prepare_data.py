@@ -4,6 +4,7 @@
     python jobs/prepare_data.py --dataset cityscapes --root s3://bucket/cityscapes --out s3://bucket/prepared
     python jobs/prepare_data.py --dataset cityscapes --root data/cityscapes --label-space nthu13
     python jobs/prepare_data.py --dataset cityscapes --root data/cityscapes --semi 1/8
+    python jobs/prepare_data.py --dataset nthu --root data/NTHU --city Rome
 
 Exits with status 1 and a report naming every bad file if the folder does not match the
 dataset's official layout (see pipeline/data/prepare.py). Re-running overwrites.
@@ -17,7 +18,7 @@ import sys
 
 from common import positive_int
 
-from pipeline.data.datasets import DATASETS
+from pipeline.data.datasets import DATASETS, NTHU_CITIES
 from pipeline.data.prepare import prepare
 from pipeline.labels import LABEL_SPACES
 
@@ -36,13 +37,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="cityscapes: also split train into train_labeled_<F> (a fraction, 1/8, or a count, "
                              "372, in a fixed order written to lists/cityscapes_train_order.txt) and "
                              "train_unlabeled_<F> (the rest), F's '/' written '-'")
+    parser.add_argument("--city", choices=NTHU_CITIES, help="nthu: the city to prepare")
     parser.add_argument(
         "--workers", type=positive_int, default=os.cpu_count() or 1,
         help="processes decoding frames (default: CPU count)",
     )
     args = parser.parse_args(argv)
     try:
-        result = prepare(args.dataset, args.root, args.out, args.workers, args.label_space, args.semi)
+        result = prepare(args.dataset, args.root, args.out, args.workers, args.label_space, args.semi, args.city)
     except ValueError as e:  # a DatasetError, or a label space the dataset does not map into
         print(e, file=sys.stderr)
         return 1

@@ -28,10 +28,13 @@ from PIL import Image
 from pipeline import storage
 from pipeline.labels import IGNORE_INDEX, NUM_CLASSES
 
+NTHU_CITIES = ("Rome", "Rio", "Tokyo", "Taipei")  # NTHU Cross-City (reference §11)
 SPLITS: dict[str, tuple[str, ...]] = {
     "gta5": ("train",),
     "synthia": ("train",),
     "cityscapes": ("train", "val"),
+    # per city: its unlabelled train images and its labelled test images
+    "nthu": tuple(f"{city.lower()}_{part}" for city in NTHU_CITIES for part in ("train", "test")),
 }
 DATASETS: tuple[str, ...] = tuple(SPLITS)
 
@@ -52,7 +55,7 @@ def check_dataset(dataset: str) -> None:
 class DataConfig:
     """A prepared dataset split, as the configs name it."""
 
-    dataset: str  # gta5 | synthia | cityscapes
+    dataset: str  # gta5 | synthia | cityscapes | nthu
     root: str  # the dataset folder (local or s3://)
     split: str = "train"
     prepared: str | None = None  # where jobs/prepare_data.py wrote lists and labels (default: root)

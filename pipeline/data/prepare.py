@@ -12,6 +12,11 @@ Layouts (paths relative to the dataset root; ``<name>`` is the frame name):
   (``_color``, ``_instanceIds``, ``_polygons.json``, cityscapesScripts' ``*TrainIds``)
   are ignored. A split with no ``gtFine/<split>/`` folder is prepared unlabeled (a UDA
   target needs no labels).
+- ``nthu`` (NTHU Cross-City, one ``--city`` at a time: Rome, Rio, Tokyo, Taipei):
+  ``<City>/Images/Train/<name>.jpg`` (unlabelled: split ``<city>_train``),
+  ``<City>/Images/Test/<name>.jpg`` and ``<City>/Labels/Test/<name>_eval.png`` (8-bit
+  Cityscapes label ids: split ``<city>_test``), ``<city>`` in lower case. Its train ids
+  are those of the nthu13 label space.
 
 Any other file inside those folders is an error; other folders are not read.
 
@@ -64,6 +69,7 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.data.datasets import (
+    NTHU_CITIES,
     SPLITS,
     check_dataset,
     list_uri,
@@ -94,9 +100,12 @@ _CITYSCAPES_KNOWN[[lab.id for lab in _CITYSCAPES_LABELS if lab.id >= 0]] = True
 _SYNTHIA_KNOWN = np.zeros(65536, dtype=bool)
 _SYNTHIA_KNOWN[sorted(SYNTHIA_KNOWN_IDS)] = True
 
-_KNOWN_IDS = {"gta5": _CITYSCAPES_KNOWN, "synthia": _SYNTHIA_KNOWN, "cityscapes": _CITYSCAPES_KNOWN}
+_KNOWN_IDS = {"gta5": _CITYSCAPES_KNOWN, "synthia": _SYNTHIA_KNOWN, "cityscapes": _CITYSCAPES_KNOWN,
+              "nthu": _CITYSCAPES_KNOWN}
 # The label space a dataset is prepared in unless --label-space says otherwise.
-DEFAULT_LABEL_SPACE = {"gta5": "cityscapes19", "synthia": "cityscapes19", "cityscapes": "cityscapes19"}
+DEFAULT_LABEL_SPACE = {"gta5": "cityscapes19", "synthia": "cityscapes19", "cityscapes": "cityscapes19",
+                       "nthu": "nthu13"}
+IMAGE_FORMAT = {"nthu": "JPEG"}  # the others ship PNG
 
 _CITYSCAPES_IGNORED = (
     "_gtFine_color.png",
@@ -158,8 +167,8 @@ def _files(root: str, folder: str) -> list[str] | None:
     return sorted(f"{folder}/{p[len(base):]}" for p in fs.find(path))
 
 
-def _flat_pngs(root: str, folder: str, problems: list[str]) -> dict[str, str] | None:
-    """``folder/<name>.png`` files by name."""
+def _flat_pngs(root: str, folder: str, problems: list[str], suffix: str = ".png") -> dict[str, str] | None:
+    """``folder/<name><suffix>`` files by name."""
     files = _files(root, folder)
     if files is None:
         problems.append(f"{folder}/: folder not found")
@@ -167,10 +176,10 @@ def _flat_pngs(root: str, folder: str, problems: list[str]) -> dict[str, str] | 
     found = {}
     for path in files:
         rel = path[len(folder) + 1:]
-        if "/" in rel or not rel.endswith(".png"):
-            problems.append(f"{path}: unexpected file (expected {folder}/<name>.png)")
+        if "/" in rel or not rel.endswith(suffix) or rel == suffix:
+            problems.append(f"{path}: unexpected file (expected {folder}/<name>{suffix})")
         else:
-            found[rel[: -len(".png")]] = path
+            found[rel[: -len(suffix)]] = path
     return found
 
 
@@ -215,13 +224,38 @@ def _pair(
     return frames
 
 
-def scan(dataset: str, root: str) -> tuple[dict[str, list[Frame]], tuple[str, ...], list[str]]:
-    """Frames of each split, sorted by name; known-bad frames left out; layout problems."""
+def _scan_nthu(root: str, city: str | None, problems: list[str]) -> dict[str, list[Frame]]:
+    if city not in NTHU_CITIES:
+        given = "no --city given" if city is None else f"--city {city}: not an NTHU Cross-City city"
+        problems.append(f"{given}; give one of {', '.join(NTHU_CITIES)}")
+        return {}
+    train = _flat_pngs(root, f"{city}/Images/Train", problems, ".jpg")
+    test = _flat_pngs(root, f"{city}/Images/Test", problems, ".jpg")
+    labels = _flat_pngs(root, f"{city}/Labels/Test", problems, "_eval.png")
+    frames = {}
+    if train is not None:
+        if not train:
+            problems.append(f"{city}/Images/Train/: no images")
+        frames[f"{city.lower()}_train"] = [Frame(n, train[n], None) for n in sorted(train)]
+    if test is not None and labels is not None:
+        if not test:
+            problems.append(f"{city}/Images/Test/: no images")
+        frames[f"{city.lower()}_test"] = _pair(
+            test, labels, lambda n: f"{city}/Images/Test/{n}.jpg", lambda n: f"{city}/Labels/Test/{n}_eval.png",
+            problems)
+    return frames
+
+
+def scan(dataset: str, root: str, city: str | None = None) -> tuple[dict[str, list[Frame]], tuple[str, ...], list[str]]:
+    """Frames of each split, sorted by name; known-bad frames left out; layout problems.
+    ``city``: NTHU's city (its splits only)."""
     check_dataset(dataset)
     problems: list[str] = []
     fs, path = storage.filesystem(root)
     if not fs.isdir(path):
         return {}, (), [f"{root}: folder not found"]
+    if dataset == "nthu":
+        return _scan_nthu(root, city, problems), (), problems
     if dataset == "cityscapes":
         frames = {}
         for split in SPLITS[dataset]:
@@ -269,13 +303,13 @@ def scan(dataset: str, root: str) -> tuple[dict[str, list[Frame]], tuple[str, ..
 # ---------------------------------------------------------------------------- decoding
 
 
-def _open_png(data: bytes, rel: str) -> Image.Image:
+def _open_png(data: bytes, rel: str, fmt: str = "PNG") -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ValueError(f"{rel}: unreadable or corrupt image ({e})") from None
-    if image.format != "PNG":
-        raise ValueError(f"{rel}: expected a PNG file, found {image.format}")
+    if image.format != fmt:
+        raise ValueError(f"{rel}: expected a {fmt} file, found {image.format}")
     return image
 
 
@@ -371,7 +405,7 @@ def _prepare_frame(task: tuple[str, str, str, str, Frame, str]) -> _Result:
     try:
         data = _read(root, frame.image)
         result.image_sha256 = hashlib.sha256(data).hexdigest()
-        image = _load(_open_png(data, frame.image), frame.image)
+        image = _load(_open_png(data, frame.image, IMAGE_FORMAT.get(dataset, "PNG")), frame.image)
         result.width, result.height = image.size
     except ValueError as e:
         result.problems.append(str(e))
@@ -542,7 +576,7 @@ def _write_semi(out: str, semi: str, order: list[str], new_order: bool, frames: 
 
 
 def prepare(dataset: str, root: str, out: str | None = None, workers: int | None = None,
-            space: str | None = None, semi: str | None = None) -> Prepared:
+            space: str | None = None, semi: str | None = None, city: str | None = None) -> Prepared:
     """Validate ``root`` as ``dataset``; write train-id labels, lists and statistics to ``out``.
 
     ``space``: the label space the train ids are in (default: the dataset's own; another,
@@ -550,7 +584,7 @@ def prepare(dataset: str, root: str, out: str | None = None, workers: int | None
     ``semi`` (Cityscapes): also split train into ``train_labeled_<tag>`` (its first
     ``semi_count`` frames in the fixed order of ``SEMI_SEED``) and ``train_unlabeled_<tag>``
     (the rest; its list keeps the label paths, read only for pseudo-label statistics, as any
-    target's labels are).
+    target's labels are). ``city``: NTHU's city to prepare (Rome, Rio, Tokyo, Taipei).
     Raises ``DatasetError`` listing every problem found (nothing but the train-id files
     of valid frames is written then).
     """
@@ -564,7 +598,9 @@ def prepare(dataset: str, root: str, out: str | None = None, workers: int | None
         raise ValueError(f"workers must be at least 1, got {workers}")
     if semi is not None and dataset != "cityscapes":
         raise ValueError(f"--semi splits Cityscapes train, not {dataset}")
-    frames, excluded, problems = scan(dataset, root)
+    if city is not None and dataset != "nthu":
+        raise ValueError(f"--city selects an NTHU Cross-City city, not a part of {dataset}")
+    frames, excluded, problems = scan(dataset, root, city)
     if semi is not None:
         train = frames.get("train", [])
         if any(f.label is None for f in train):
