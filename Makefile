@@ -22,7 +22,8 @@ endif
 
 .PHONY: install system-packages test test-slow demo benchmark-data ablation compare-methods bench mlflow-ui clean \
         prepare-gta5 prepare-synthia prepare-cityscapes reproduce-gta5 reproduce-synthia \
-        reproduce-gta5-stvm reproduce-synthia-stvm benchmark-semi reproduce-semi prepare-nthu reproduce-nthu
+        reproduce-gta5-stvm reproduce-synthia-stvm benchmark-semi reproduce-semi prepare-nthu reproduce-nthu \
+        prepare-robotcar reproduce-robotcar
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo ">> installing into $(VENV)/ (torch CPU, Ray, MLflow, ...; ~2 min on a fresh machine)"
@@ -160,6 +161,18 @@ reproduce-nthu: $(STAMP)
 		name=cityscapes_nthu_$(city) output=outputs/cityscapes_nthu_$(city) \
 		data.source.root=$(CITYSCAPES) data.source.prepared=$(CITYSCAPES)/prepared_nthu13 \
 		data.target.root=$(NTHU) data.target.split=$(city)_train data.val.root=$(NTHU) data.val.split=$(city)_test
+
+# Cityscapes -> Oxford RobotCar (HIAST's setting), in 9 classes.
+ROBOTCAR ?= data/RobotCar
+prepare-robotcar: $(STAMP)
+	$(PY) jobs/prepare_data.py --dataset cityscapes --root $(CITYSCAPES) --label-space robotcar9
+	$(PY) jobs/prepare_data.py --dataset robotcar --root $(ROBOTCAR)
+
+reproduce-robotcar: $(STAMP)
+	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
+	$(PY) jobs/run_experiment.py --config configs/cityscapes_robotcar.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
+		data.source.root=$(CITYSCAPES) data.source.prepared=$(CITYSCAPES)/prepared_robotcar9 \
+		data.target.root=$(ROBOTCAR) data.val.root=$(ROBOTCAR)
 
 clean:
 	rm -rf $(strip $(OUT)) .pytest_cache

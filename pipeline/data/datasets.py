@@ -35,6 +35,7 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "cityscapes": ("train", "val"),
     # per city: its unlabelled train images and its labelled test images
     "nthu": tuple(f"{city.lower()}_{part}" for city in NTHU_CITIES for part in ("train", "test")),
+    "robotcar": ("train", "val"),  # Oxford RobotCar as HIAST uses it: 894 unlabelled, 271 labelled
 }
 DATASETS: tuple[str, ...] = tuple(SPLITS)
 
@@ -55,7 +56,7 @@ def check_dataset(dataset: str) -> None:
 class DataConfig:
     """A prepared dataset split, as the configs name it."""
 
-    dataset: str  # gta5 | synthia | cityscapes | nthu
+    dataset: str  # gta5 | synthia | cityscapes | nthu | robotcar
     root: str  # the dataset folder (local or s3://)
     split: str = "train"
     prepared: str | None = None  # where jobs/prepare_data.py wrote lists and labels (default: root)

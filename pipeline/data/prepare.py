@@ -17,6 +17,11 @@ Layouts (paths relative to the dataset root; ``<name>`` is the frame name):
   ``<City>/Images/Test/<name>.jpg`` and ``<City>/Labels/Test/<name>_eval.png`` (8-bit
   Cityscapes label ids: split ``<city>_test``), ``<city>`` in lower case. Its train ids
   are those of the nthu13 label space.
+- ``robotcar`` (Oxford RobotCar as HIAST uses it): ``train/<name>.png`` (unlabelled; some
+  downloads put them one folder deeper, ``train/<folder>/<name>.png``), ``val/<name>.png``
+  and ``anno/<name>.png`` (RGBA, the class id in channel 0), train ids of robotcar9. Every
+  raw id not in its table is ignored (reference §11 gives no list of the others), so no id
+  is unknown.
 
 Any other file inside those folders is an error; other folders are not read.
 
@@ -101,10 +106,10 @@ _SYNTHIA_KNOWN = np.zeros(65536, dtype=bool)
 _SYNTHIA_KNOWN[sorted(SYNTHIA_KNOWN_IDS)] = True
 
 _KNOWN_IDS = {"gta5": _CITYSCAPES_KNOWN, "synthia": _SYNTHIA_KNOWN, "cityscapes": _CITYSCAPES_KNOWN,
-              "nthu": _CITYSCAPES_KNOWN}
+              "nthu": _CITYSCAPES_KNOWN, "robotcar": np.ones(256, dtype=bool)}
 # The label space a dataset is prepared in unless --label-space says otherwise.
 DEFAULT_LABEL_SPACE = {"gta5": "cityscapes19", "synthia": "cityscapes19", "cityscapes": "cityscapes19",
-                       "nthu": "nthu13"}
+                       "nthu": "nthu13", "robotcar": "robotcar9"}
 IMAGE_FORMAT = {"nthu": "JPEG"}  # the others ship PNG
 
 _CITYSCAPES_IGNORED = (
@@ -246,6 +251,32 @@ def _scan_nthu(root: str, city: str | None, problems: list[str]) -> dict[str, li
     return frames
 
 
+def _scan_robotcar(root: str, problems: list[str]) -> dict[str, list[Frame]]:
+    frames = {}
+    train = _files(root, "train")
+    if train is None:
+        problems.append("train/: folder not found")
+    else:
+        found: dict[str, str] = {}
+        for path in train:
+            parts = path.split("/")[1:]
+            if len(parts) > 2 or not parts[-1].endswith(".png"):
+                problems.append(f"{path}: unexpected file (expected train/<name>.png or train/<folder>/<name>.png)")
+            elif parts[-1][:-4] in found:
+                problems.append(f"{path}: a second train image named {parts[-1]} (also {found[parts[-1][:-4]]})")
+            else:
+                found[parts[-1][:-4]] = path
+        if not found:
+            problems.append("train/: no images")
+        frames["train"] = [Frame(n, found[n], None) for n in sorted(found)]
+    images, labels = _flat_pngs(root, "val", problems), _flat_pngs(root, "anno", problems)
+    if images is not None and labels is not None:
+        if not images:
+            problems.append("val/: no images")
+        frames["val"] = _pair(images, labels, lambda n: f"val/{n}.png", lambda n: f"anno/{n}.png", problems)
+    return frames
+
+
 def scan(dataset: str, root: str, city: str | None = None) -> tuple[dict[str, list[Frame]], tuple[str, ...], list[str]]:
     """Frames of each split, sorted by name; known-bad frames left out; layout problems.
     ``city``: NTHU's city (its splits only)."""
@@ -256,6 +287,8 @@ def scan(dataset: str, root: str, city: str | None = None) -> tuple[dict[str, li
         return {}, (), [f"{root}: folder not found"]
     if dataset == "nthu":
         return _scan_nthu(root, city, problems), (), problems
+    if dataset == "robotcar":
+        return _scan_robotcar(root, problems), (), problems
     if dataset == "cityscapes":
         frames = {}
         for split in SPLITS[dataset]:
@@ -349,6 +382,11 @@ def read_label_ids(dataset: str, data: bytes, rel: str) -> np.ndarray:
     """Raw label ids of a label file (uint8, or uint16 for SYNTHIA)."""
     if dataset == "synthia":
         return read_first_channel16(data, rel)
+    if dataset == "robotcar":
+        image = _open_png(data, rel)
+        if image.mode != "RGBA":
+            raise ValueError(f"{rel}: expected an RGBA annotation PNG (class id in channel 0), got mode {image.mode}")
+        return np.asarray(_load(image, rel))[..., 0]
     image = _open_png(data, rel)
     if image.mode not in ("L", "P"):
         raise ValueError(
