@@ -22,7 +22,8 @@ endif
 
 .PHONY: install torch check-torch system-packages test test-slow demo benchmark-data ablation compare-methods bench mlflow-ui clean \
         prepare-gta5 prepare-synthia prepare-cityscapes reproduce-gta5 reproduce-synthia \
-        reproduce-gta5-stvm reproduce-synthia-stvm
+        reproduce-gta5-stvm reproduce-synthia-stvm benchmark-semi reproduce-semi prepare-nthu reproduce-nthu \
+        prepare-robotcar reproduce-robotcar
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo ">> installing into $(VENV)/ (torch CPU, Ray, MLflow, ...; ~2 min on a fresh machine)"
@@ -132,6 +133,55 @@ reproduce-synthia-stvm: $(STAMP) check-torch
 	@test -n "$(strip $(SOURCE_MODEL))" || (echo "give the source-only checkpoint: make $@ SOURCE_MODEL=/path/checkpoint.pt"; exit 2)
 	$(PY) jobs/run_experiment.py --config configs/synthia_cityscapes_stvm.yaml model.init=$(strip $(SOURCE_MODEL)) \
 		data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
+
+# Semi-supervised Cityscapes (IAST Table 2): FRACTION (1/8, 1/4, 1/2, or a frame count) of
+# train labelled, the rest the unlabelled target. The split is written once by
+# prepare_data.py --semi (lists/cityscapes_train_order.txt fixes it); each fraction has its
+# own output folder and MLflow experiment.
+FRACTION ?= 1/8
+semi_tag = $(subst /,-,$(strip $(FRACTION)))
+semi_split = test -f $(1)/lists/cityscapes_train_labeled_$(semi_tag).txt || \
+	$(PY) jobs/prepare_data.py --dataset cityscapes --root $(1) --semi $(strip $(FRACTION))
+semi_args = name=$(1)_$(semi_tag) output=outputs/$(1)_$(semi_tag) data.source.split=train_labeled_$(semi_tag) \
+	data.target.split=train_unlabeled_$(semi_tag) data.source.root=$(2) data.target.root=$(2) data.val.root=$(2)
+
+# The same on the built-in benchmark's target, so that the setting runs here (~10 min on 2 cores).
+benchmark-semi: $(STAMP) benchmark-data
+	$(call semi_split,$(DATA)/target)
+	$(PY) jobs/run_experiment.py --config configs/benchmark_semi.yaml $(call semi_args,benchmark_semi,$(DATA)/target)
+
+reproduce-semi: $(STAMP)
+	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
+	$(call semi_split,$(CITYSCAPES))
+	$(PY) jobs/run_experiment.py --config configs/cityscapes_semi.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
+		$(call semi_args,cityscapes_semi,$(CITYSCAPES))
+
+# Cityscapes -> NTHU Cross-City, one CITY (Rome, Rio, Tokyo, Taipei) a run, in 13 classes.
+NTHU ?= data/NTHU
+CITY ?= Rome
+city = $(shell echo $(strip $(CITY)) | tr A-Z a-z)
+prepare-nthu: $(STAMP)
+	$(PY) jobs/prepare_data.py --dataset cityscapes --root $(CITYSCAPES) --label-space nthu13
+	$(PY) jobs/prepare_data.py --dataset nthu --root $(NTHU) --city $(strip $(CITY))
+
+reproduce-nthu: $(STAMP)
+	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
+	$(PY) jobs/run_experiment.py --config configs/cityscapes_nthu.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
+		name=cityscapes_nthu_$(city) output=outputs/cityscapes_nthu_$(city) \
+		data.source.root=$(CITYSCAPES) data.source.prepared=$(CITYSCAPES)/prepared_nthu13 \
+		data.target.root=$(NTHU) data.target.split=$(city)_train data.val.root=$(NTHU) data.val.split=$(city)_test
+
+# Cityscapes -> Oxford RobotCar (HIAST's setting), in 9 classes.
+ROBOTCAR ?= data/RobotCar
+prepare-robotcar: $(STAMP)
+	$(PY) jobs/prepare_data.py --dataset cityscapes --root $(CITYSCAPES) --label-space robotcar9
+	$(PY) jobs/prepare_data.py --dataset robotcar --root $(ROBOTCAR)
+
+reproduce-robotcar: $(STAMP)
+	@test -n "$(strip $(IMAGENET))" || (echo "give the ImageNet ResNet-101 weights: make $@ IMAGENET=/path/resnet101-63fe2227.pth"; exit 2)
+	$(PY) jobs/run_experiment.py --config configs/cityscapes_robotcar.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
+		data.source.root=$(CITYSCAPES) data.source.prepared=$(CITYSCAPES)/prepared_robotcar9 \
+		data.target.root=$(ROBOTCAR) data.val.root=$(ROBOTCAR)
 
 clean:
 	rm -rf $(strip $(OUT)) .pytest_cache

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.data.transforms import normalize
-from pipeline.labels import CLASS_NAMES, IGNORE_INDEX, MIOU13_CLASSES, MIOU16_CLASSES, NUM_CLASSES
+from pipeline.labels import CITYSCAPES19, IGNORE_INDEX, NUM_CLASSES, LabelSpace, label_space
 
 # IAST-MST: softmax at these sizes, upsampled to full resolution and summed.
 MST_SIZES: tuple[tuple[int, int], ...] = ((1024, 512), (1280, 640), (1536, 768), (1800, 900), (2048, 1024))
@@ -31,9 +31,17 @@ class ConfusionMatrix:
 
     ``matrix`` is a plain int64 array, so shards from many workers combine by summing
     (``a + b``, ``ConfusionMatrix.merge(parts)``, or an all-reduce of ``matrix``).
+    ``space`` (a name or ``pipeline.labels.LabelSpace``) gives the class names and mIoU keys
+    of ``summary``/``table``; by default Cityscapes-19 when there are 19 classes, else none.
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, matrix: np.ndarray | None = None):
+    def __init__(self, num_classes: int = NUM_CLASSES, matrix: np.ndarray | None = None,
+                 space: str | LabelSpace | None = None):
+        if space is not None:
+            space = label_space(space)
+            if space.num_classes != num_classes:
+                raise ValueError(f"label space {space.name} has {space.num_classes} classes, not {num_classes}")
+        self.space = space or (CITYSCAPES19 if num_classes == CITYSCAPES19.num_classes else None)
         if matrix is None:
             matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
         matrix = np.asarray(matrix)
@@ -64,7 +72,7 @@ class ConfusionMatrix:
     def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
         if self.num_classes != other.num_classes:
             raise ValueError(f"cannot add confusion matrices of {self.num_classes} and {other.num_classes} classes")
-        return ConfusionMatrix(self.num_classes, self.matrix + other.matrix)
+        return ConfusionMatrix(self.num_classes, self.matrix + other.matrix, self.space)
 
     @classmethod
     def merge(cls, parts: Iterable[ConfusionMatrix]) -> ConfusionMatrix:
@@ -72,7 +80,7 @@ class ConfusionMatrix:
         parts = list(parts)
         if not parts:
             raise ValueError("merge needs at least one confusion matrix")
-        total = ConfusionMatrix(parts[0].num_classes)
+        total = ConfusionMatrix(parts[0].num_classes, space=parts[0].space)
         for part in parts:
             total = total + part
         return total
@@ -96,24 +104,18 @@ class ConfusionMatrix:
         return float(np.trace(self.matrix) / total) if total else float("nan")
 
     def summary(self) -> dict[str, float]:
-        """Flat metrics (fractions in [0, 1]) for logging: ``IoU/<class>``, mIoU-19/16/13, pixel accuracy."""
-        self._require_cityscapes_classes()
-        metrics = {f"IoU/{name}": float(v) for name, v in zip(CLASS_NAMES, self.iou())}
-        metrics["mIoU-19"] = self.mean_iou()
-        metrics["mIoU-16"] = self.mean_iou(MIOU16_CLASSES)
-        metrics["mIoU-13"] = self.mean_iou(MIOU13_CLASSES)
+        """Flat metrics (fractions in [0, 1]) for logging: ``IoU/<class>``, the space's
+        mIoUs (Cityscapes-19: mIoU-19/16/13; NTHU: mIoU-13; RobotCar: mIoU-9), pixel accuracy."""
+        names = self._names()
+        metrics = {f"IoU/{name}": float(v) for name, v in zip(names, self.iou())}
+        metrics.update({key: self.mean_iou(classes) for key, classes in self.space.miou.items()})
         metrics["pixel_accuracy"] = self.pixel_accuracy()
         return metrics
 
     def table(self) -> str:
-        """Markdown table of per-class IoU and the three mIoUs, in percent."""
-        self._require_cityscapes_classes()
-        rows = list(zip(CLASS_NAMES, self.iou()))
-        rows += [
-            ("mIoU-19", self.mean_iou()),
-            ("mIoU-16", self.mean_iou(MIOU16_CLASSES)),
-            ("mIoU-13", self.mean_iou(MIOU13_CLASSES)),
-        ]
+        """Markdown table of per-class IoU and the space's mIoUs, in percent."""
+        rows = list(zip(self._names(), self.iou()))
+        rows += [(key, self.mean_iou(classes)) for key, classes in self.space.miou.items()]
         width = max(len(name) for name, _ in rows)
         lines = [f"| {'class':<{width}} | IoU (%) |", f"|{'-' * (width + 2)}|--------:|"]
         for name, value in rows:
@@ -125,29 +127,29 @@ class ConfusionMatrix:
         """What each class is taken for: per class with ground-truth pixels, the ``k``
         predicted classes that hold most of them and their shares (fractions), largest
         first; the class itself is among them when it is predicted often enough."""
-        self._require_cityscapes_classes()
+        names = self._names()
         out = {}
         for c, row in enumerate(self.matrix):
             total = row.sum()
             if total:
                 top = np.argsort(-row, kind="stable")[:k]
-                out[CLASS_NAMES[c]] = [(CLASS_NAMES[j], float(row[j] / total)) for j in top if row[j]]
+                out[names[c]] = [(names[j], float(row[j] / total)) for j in top if row[j]]
         return out
 
     def confusion_table(self, k: int = 3) -> str:
         """Markdown: class | IoU (%) | what its pixels are predicted as (% of its pixels)."""
-        iou = dict(zip(CLASS_NAMES, self.iou()))
+        iou = dict(zip(self._names(), self.iou()))
         lines = ["| class | IoU (%) | predicted as (% of the class's pixels) |", "|---|---:|---|"]
         for name, shares in self.confusions(k).items():
             where = ", ".join(f"{other} {100 * share:.0f}" for other, share in shares)
             lines.append(f"| {name} | {100 * iou[name]:.2f} | {where} |")
         return "\n".join(lines)
 
-    def _require_cityscapes_classes(self) -> None:
-        if self.num_classes != NUM_CLASSES:
-            raise ValueError(
-                f"class names and mIoU-16/13 need the {NUM_CLASSES} Cityscapes classes, not {self.num_classes}"
-            )
+    def _names(self) -> tuple[str, ...]:
+        if self.space is None:
+            raise ValueError(f"class names and mIoUs need a label space: {self.num_classes} classes is none of "
+                             "cityscapes19, nthu13, robotcar9 (give ConfusionMatrix(..., space=...))")
+        return self.space.classes
 
 
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -228,6 +230,7 @@ def evaluate(
     flip: bool = False,
     num_classes: int = NUM_CLASSES,
     progress: bool = True,
+    space: str | LabelSpace | None = None,
 ) -> ConfusionMatrix:
     """Confusion matrix of ``model`` over (image, label) pairs, predicted at label resolution.
 
@@ -236,7 +239,7 @@ def evaluate(
     ``sizes``/``flip`` as in :func:`predict_probs` (single scale by default; IAST-MST:
     ``sizes=MST_SIZES``).
     """
-    cm = ConfusionMatrix(num_classes)
+    cm = ConfusionMatrix(num_classes, space=space)
     device = _model_device(model)
     total = len(samples) if hasattr(samples, "__len__") else None
     for image, label in tqdm(samples, total=total, desc="evaluate", disable=not progress):

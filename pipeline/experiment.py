@@ -25,7 +25,7 @@ from typing import Literal
 from pipeline import config as config_lib
 from pipeline import storage
 from pipeline.data.datasets import DataConfig
-from pipeline.labels import NUM_CLASSES
+from pipeline.labels import LabelSpace, check_same_space, label_space
 from pipeline.methods import STvMConfig
 from pipeline.pseudo_label import PseudoLabelConfig, SelectorConfig
 from pipeline.train import PLACEMENT_STRATEGIES, TrainConfig
@@ -287,12 +287,15 @@ class ExperimentConfig:
     # MLflow runs and printed with the final table, so that figures are compared alike.
     protocol: str = "custom"
     tracking_uri: str | None = None  # default: sqlite under output (local output only)
-    num_classes: int = NUM_CLASSES
+    # The classes the model predicts and the metrics reported (pipeline.labels): cityscapes19
+    # (GTA5/SYNTHIA -> Cityscapes), nthu13 (Cityscapes -> NTHU Cross-City), robotcar9.
+    label_space: str = "cityscapes19"
+    num_classes: int | None = None  # the label space's; giving another is an error
     crop_size: tuple[int, int] = (1024, 512)  # (width, height)
     source_crop_heights: tuple[int, int] = (341, 950)
     target_crop_heights: tuple[int, int] = (341, 1000)
     eval_size: tuple[int, int] | None = None  # validation size after each stage; None: label size
-    val_metric: str = "mIoU-19"  # what "best on val" means (SYNTHIA: mIoU-16)
+    val_metric: str | None = None  # what "best on val" means; default the space's headline (SYNTHIA: mIoU-16)
     # The lr cosine's floor (final_lr_ratio 0.001) as a fraction of each parameter group's
     # own lr ("group") or of the head's lr for all ("head", the released eta_min).
     lr_floor_of: Literal["group", "head"] = "group"
@@ -303,6 +306,18 @@ class ExperimentConfig:
             self.output = storage.absolute(storage.check_uri(self.output))
         except ValueError as err:
             raise ValueError(f"output: {err}") from None
+        try:
+            space = label_space(self.label_space)
+        except ValueError as err:
+            raise ValueError(f"label_space: {err}") from None
+        if self.num_classes not in (None, space.num_classes):
+            raise ValueError(f"num_classes is {self.num_classes}, but label_space {space.name} has "
+                             f"{space.num_classes} classes: remove num_classes, or choose the label_space")
+        self.num_classes = space.num_classes
+        self.val_metric = self.val_metric or space.headline
+        if self.val_metric not in (*space.miou, "pixel_accuracy"):
+            raise ValueError(f"val_metric {self.val_metric!r} is not reported in label space {space.name}: use "
+                             f"one of {', '.join((*space.miou, 'pixel_accuracy'))}")
         if self.stvm.iterations > 0 and self.self_training.rounds:
             raise ValueError("self_training.rounds and stvm.iterations are both set: an experiment adapts "
                              "either with rounds of pseudo-labels or with source-free STvM; give one")
@@ -320,6 +335,10 @@ class ExperimentConfig:
         data = config_lib.to_dict(self)
         data.pop("self_training" if self.source_free else "stvm")
         return data
+
+    @property
+    def space(self) -> LabelSpace:
+        return label_space(self.label_space)
 
     @property
     def source_free(self) -> bool:
@@ -392,6 +411,11 @@ class ExperimentConfig:
             raise ValueError(f"data.{key}: {data.dataset} {data.split} at {data.root} holds no images")
         if key != "target" and samples[0].label is None:
             raise ValueError(f"data.{key}: {data.dataset} {data.split} at {data.root} has no labels")
+        if samples[0].label is not None:
+            check_same_space(f"data.{key}'s labels ({data.stats_uri()})", data.label_space(), self.space,
+                             f"prepare them with `python jobs/prepare_data.py --dataset {data.dataset} --root "
+                             f"{data.root} --label-space {self.label_space}` and point data.{key}.prepared "
+                             "at its output")
 
     def _check_weights(self, key: str) -> None:
         from pipeline.models import build_model, load_checkpoint, load_iast_checkpoint, load_imagenet_backbone
@@ -408,10 +432,10 @@ class ExperimentConfig:
             elif self.model.init_format == "iast":
                 load_iast_checkpoint(model, uri)
             else:
-                load_checkpoint(model, uri)
+                load_checkpoint(model, uri, label_space=self.label_space)
         except (ValueError, OSError, RuntimeError) as err:
-            raise ValueError(f"model.{key}: {err} (model.arch {self.model.arch}, num_classes "
-                             f"{self.num_classes})") from None
+            raise ValueError(f"model.{key}: {err} (model.arch {self.model.arch}, label_space {self.label_space}, "
+                             f"num_classes {self.num_classes})") from None
 
     def _check_output(self) -> None:
         if storage.scheme(self.output) != "file":
@@ -478,7 +502,8 @@ class ExperimentConfig:
         c = self.compute
         return TrainConfig(
             stage=stage, name=name, storage=self.train_storage, iterations=section.iterations, lr=lr,
-            arch=self.model.arch, num_classes=self.num_classes, batch_size=section.batch_size,
+            arch=self.model.arch, num_classes=self.num_classes, label_space=self.label_space,
+            batch_size=section.batch_size,
             batchnorm=section.batchnorm,
             backbone_lr_mult=kw.pop("backbone_lr_mult", None) or self.model.backbone_lr_mult,
             crop_size=self.crop_size, source_crop_heights=self.source_crop_heights,
@@ -582,7 +607,8 @@ class ExperimentConfig:
         c = self.compute
         return PseudoLabelConfig(
             target=self.data.target, store=self.label_store(round_index), checkpoint=generator,
-            arch=self.model.arch, num_classes=self.num_classes, size=r.pseudo_label_size,
+            arch=self.model.arch, num_classes=self.num_classes, label_space=self.label_space,
+            size=r.pseudo_label_size,
             test_sizes=st.label_test_sizes, flip=st.label_flip, order=st.label_order, resize=st.label_resize,
             selector=SelectorConfig(
                 name=st.selector, alpha=r.alpha, beta=st.beta, gamma=st.gamma, instance_size=st.instance_size,

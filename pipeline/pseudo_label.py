@@ -93,6 +93,7 @@ class PseudoLabelConfig:
     checkpoint: str  # generator weights, a checkpoint of ours (local path or URI)
     arch: str = "deeplabv2_resnet101"
     num_classes: int = NUM_CLASSES
+    label_space: str = "cityscapes19"  # recorded in the manifest; training refuses a store of another
     size: tuple[int, int] = (1280, 640)  # pseudo-label size (width, height)
     test_sizes: tuple[tuple[int, int], ...] = ()  # multi-scale inference sizes; () = `size` only
     flip: bool = False
@@ -177,7 +178,7 @@ class _Predictor:
         torch.backends.cudnn.deterministic = True
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_worker > 0 else "cpu")
         self.model = build_model(cfg.arch, cfg.num_classes)
-        load_checkpoint(self.model, cfg.checkpoint)
+        load_checkpoint(self.model, cfg.checkpoint, label_space=cfg.label_space)
         self.model.to(self.device).eval()
         self.size = tuple(cfg.size)
         self.test_sizes = tuple(tuple(s) for s in cfg.test_sizes) or (self.size,)
@@ -458,7 +459,7 @@ def selection_statistics(totals: dict, final_thresholds: np.ndarray, confidence:
     }
 
 
-def write_previews(previews, store_uri: str) -> list[str]:
+def write_previews(previews, store_uri: str, space: str = "cityscapes19") -> list[str]:
     """PNG per preview image: image | pseudo-label | ground truth (where present)."""
     paths = []
     for record, label in previews:
@@ -467,7 +468,7 @@ def write_previews(previews, store_uri: str) -> list[str]:
         )
         maps = [label] + ([record.ground_truth] if record.ground_truth is not None else [])
         uri = storage.join(store_uri, "previews", f"{record.index:05d}_{record.name}.png")
-        save_png(preview_row(image, *maps), uri)
+        save_png(preview_row(image, *maps, space=space), uri)
         paths.append(uri)
     return paths
 
@@ -508,7 +509,7 @@ def run(cfg: PseudoLabelConfig) -> dict:
     labelled = set(result["names"])
     skipped = [s.name for s in samples if s.name not in labelled]
     stats = selection_statistics(result["totals"], result["final_thresholds"], result["confidence"])
-    preview_uris = write_previews(result["previews"], cfg.store)
+    preview_uris = write_previews(result["previews"], cfg.store, cfg.label_space)
     manifest = {
         "config_hash": config_hash,
         "round": cfg.round,
@@ -516,6 +517,7 @@ def run(cfg: PseudoLabelConfig) -> dict:
         "selector": selection,
         "prediction_settings": settings,
         "num_classes": cfg.num_classes,
+        "label_space": cfg.label_space,
         "num_images": len(labelled),
         "num_parts": num_parts,
         "part_size": cfg.part_size,

@@ -154,7 +154,7 @@ def given_checkpoint(cfg: ExperimentConfig, key: str = "init") -> str | None:
         model = build_model(cfg.model.arch, cfg.num_classes)
         load_iast_checkpoint(model, given)
         converted = storage.join(cfg.output, "init", f"{stage}.pt") if key != "init" else cfg.init_checkpoint
-        save_checkpoint(converted, model)
+        save_checkpoint(converted, model, label_space=cfg.label_space)
         record = _write_record(cfg, StageRecord(stage, converted, lineage={
             "given": given, "format": cfg.model.init_format}))
     return record.checkpoint
@@ -265,10 +265,10 @@ def run_source_free(cfg: ExperimentConfig, tracker: ExperimentTracker) -> StageR
 
 @ray.remote
 def _evaluate_shard(arch: str, num_classes: int, checkpoint: str, samples: list[Sample],
-                    sizes: tuple, flip: bool, amp: bool = False) -> np.ndarray:
+                    sizes: tuple, flip: bool, amp: bool = False, space: str = "cityscapes19") -> np.ndarray:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(arch, num_classes)
-    load_checkpoint(model, checkpoint)
+    load_checkpoint(model, checkpoint, label_space=space)
     model.to(device).eval()
     cm = ConfusionMatrix(num_classes)
     for sample in samples:
@@ -291,9 +291,9 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str, samples: list[Sa
     shards = [samples[i::c.eval_workers] for i in range(c.eval_workers)]
     task = _evaluate_shard.options(num_gpus=1 if c.use_gpu else 0, num_cpus=c.cpus_per_worker)
     amp = c.inference_amp and c.use_gpu  # fp16 autocast on the GPU only
-    refs = [task.remote(cfg.model.arch, cfg.num_classes, checkpoint, shard, sizes, flip, amp)
+    refs = [task.remote(cfg.model.arch, cfg.num_classes, checkpoint, shard, sizes, flip, amp, cfg.label_space)
             for shard in shards if shard]
-    return ConfusionMatrix(cfg.num_classes, sum(ray.get(refs)))
+    return ConfusionMatrix(cfg.num_classes, sum(ray.get(refs)), cfg.label_space)
 
 
 def source_heldout_metrics(cfg: ExperimentConfig, checkpoint: str) -> dict[str, float]:
@@ -404,10 +404,11 @@ def final_lines(cfg: ExperimentConfig, records: list[StageRecord]) -> str:
     final = next((r for r in records if r.stage == "final_eval"), None)
     if final is None:
         return ""
-    m, key = final.metrics, "val/mIoU-19"
+    headline = cfg.space.headline
+    m, key = final.metrics, f"val/{headline}"
     sizes = f"{len(cfg.final_eval.sizes)} sizes" if cfg.final_eval.sizes else "single scale"
     lines = [f"final evaluation ({cfg.protocol} protocol, {sizes}, flip {'on' if cfg.final_eval.flip else 'off'}): "
-             f"mIoU-19 {100 * m[key]:.2f}, the {final.lineage.get('report', 'last')} weights of "
+             f"{headline} {100 * m[key]:.2f}, the {final.lineage.get('report', 'last')} weights of "
              f"{final.lineage.get('evaluated')}"]
     if f"best/{key}" in m:
         lines.append(f"  best on val ({final.lineage.get('best_stage')}): {100 * m[f'best/{key}']:.2f}  <- the "
@@ -445,14 +446,15 @@ def stages_figure(cfg: ExperimentConfig, records: list[StageRecord], num_images:
     task = _predict_stages.options(num_gpus=1 if cfg.compute.use_gpu else 0, num_cpus=cfg.compute.cpus_per_worker)
     predictions = ray.get(task.remote(cfg.model.arch, cfg.num_classes, [r.checkpoint for r in records], samples))
     rows = [label_cells(fit_width(load_image(sample.image), FIGURE_WIDTH), *(stage[i] for stage in predictions),
-                        load_label(sample.label))
+                        load_label(sample.label), space=cfg.label_space)
             for i, sample in enumerate(samples)]
+    key = f"val/{cfg.space.headline}"
     headers = ["target val image"] + [
-        f"{r.stage} ({100 * r.metrics['val/mIoU-19']:.1f})" if "val/mIoU-19" in r.metrics else r.stage for r in records
+        f"{r.stage} ({100 * r.metrics[key]:.1f})" if key in r.metrics else r.stage for r in records
     ] + ["ground truth"]
-    title = f"{cfg.name}: each stage on the same target val images (single scale; val mIoU-19 in brackets)"
+    title = f"{cfg.name}: each stage on the same target val images (single scale; val {cfg.space.headline} in brackets)"
     caption = f"{cfg.data.val.root} ({cfg.data.val.split}): " + ", ".join(s.name for s in samples)
-    return contact_sheet([(caption, [[np.asarray(side_by_side(rows, headers))]])], title=title)
+    return contact_sheet([(caption, [[np.asarray(side_by_side(rows, headers))]])], title=title, space=cfg.label_space)
 
 
 def _log_stages_figure(cfg: ExperimentConfig, tracker: ExperimentTracker, records: list[StageRecord]) -> None:

@@ -44,8 +44,10 @@ e.g. the IoU of a class absent from both prediction and ground truth -- are not 
     ==================================  ====================================================
     ``val/mIoU-19``                     mean IoU over the 19 Cityscapes classes
     ``val/mIoU-16``, ``val/mIoU-13``    mean IoU over the SYNTHIA protocol's 16 / 13 classes
+                                        (label space nthu13: ``val/mIoU-13`` over its 13;
+                                        robotcar9: ``val/mIoU-9``; no other mIoU)
     ``val/IoU/<class>``                 per-class IoU; class names as in
-                                        ``pipeline.labels.CLASS_NAMES``, spaces kept
+                                        the label space's ``classes``, spaces kept
                                         (``val/IoU/traffic light``: MLflow allows spaces)
     ``val/pixel_accuracy``              share of labelled pixels predicted correctly
     ``pseudo/coverage``                 share of target pixels given a pseudo-label
@@ -107,7 +109,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
 
 from pipeline import storage
 from pipeline.config import flatten
-from pipeline.labels import CLASS_NAMES, PALETTE
+from pipeline.labels import ALL_METRIC_KEYS, CITYSCAPES19, LABEL_SPACES, label_space
 
 WARMUP_STAGES = ("source_only", "adversarial")
 END_STAGES = ("final_eval", "oracle")
@@ -115,9 +117,9 @@ SOURCE_FREE_STAGE = "stvm"  # in place of the rounds; step 1 of the parent's rou
 PARENT_STAGE = "experiment"
 REDACTED = "***"
 RUN_COLOR = "mlflow.runColor"  # the tag MLflow's UI keeps a run's chart colour in
-VALIDATION_KEYS = {f"IoU/{name}" for name in CLASS_NAMES} | {"mIoU-19", "mIoU-16", "mIoU-13", "pixel_accuracy"}
-ROUND_SERIES = ("val/mIoU-19", "val/mIoU-16", "val/mIoU-13", "pseudo/precision", "pseudo/coverage")
-ORACLE_KEYS = ("val/mIoU-19", "val/mIoU-16", "val/mIoU-13")
+VALIDATION_KEYS = ALL_METRIC_KEYS  # of every label space (pipeline.labels)
+ROUND_SERIES = ("val/mIoU-19", "val/mIoU-16", "val/mIoU-13", "val/mIoU-9", "pseudo/precision", "pseudo/coverage")
+ORACLE_KEYS = ("val/mIoU-19", "val/mIoU-16", "val/mIoU-13", "val/mIoU-9")
 FINAL_KEYS = (*ORACLE_KEYS, "val/pixel_accuracy")  # per class: on the final_eval run
 
 logger = logging.getLogger(__name__)
@@ -377,7 +379,7 @@ class ExperimentTracker:
         if unknown:
             raise ValueError(
                 f"not validation metrics: {', '.join(unknown)}; expected the keys of "
-                "ConfusionMatrix.summary() (IoU/<class>, mIoU-19, mIoU-16, mIoU-13, pixel_accuracy)"
+                "ConfusionMatrix.summary() (IoU/<class>, the label space's mIoUs, pixel_accuracy)"
             )
         self.log_metrics(run_id, {f"val/{k}": v for k, v in plain.items()}, step)
         with tempfile.TemporaryDirectory() as tmp:
@@ -405,7 +407,7 @@ class ExperimentTracker:
         }
         for key, name in (("coverage", "coverage"), ("precision", "precision"), ("thresholds", "threshold"),
                           ("confidence", "confidence")):
-            for cls, value in zip(CLASS_NAMES, stats.get(key, ())):  # stores before "confidence" lack it
+            for cls, value in zip(label_space(manifest.get("label_space", "cityscapes19")).classes, stats.get(key, ())):  # stores before "confidence" lack it
                 metrics[f"pseudo/{name}/{cls}"] = value
         self.log_metrics(run_id, metrics)
         self.log_params(
@@ -580,26 +582,32 @@ class ReportToMlflow(ray.train.UserCallback):
 
 
 def iou_chart(summary: dict[str, float], path: str) -> None:
-    """Horizontal bars of the per-class IoU (%) in the class colours, mIoU-19 as a line."""
+    """Horizontal bars of the per-class IoU (%) in the class colours, the headline mIoU as a line."""
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state: safe in any thread
 
-    values = [summary.get(f"IoU/{name}", math.nan) for name in CLASS_NAMES]
+    # The label space of the summary: its headline mIoU present, no class of another space
+    # (undefined IoUs may be left out).
+    classes = {k.removeprefix("IoU/") for k in summary if k.startswith("IoU/")}
+    space = next((s for s in LABEL_SPACES.values() if s.headline in summary and classes <= set(s.classes)),
+                 CITYSCAPES19)
+    names, headline = space.classes, space.headline
+    values = [summary.get(f"IoU/{name}", math.nan) for name in names]
     fig = Figure(figsize=(6, 5.5), dpi=100)
     ax = fig.subplots()
-    y = range(len(CLASS_NAMES))
-    colors = [PALETTE[i] / 255 for i in y]
+    y = range(len(names))
+    colors = [space.palette[i] / 255 for i in y]
     ax.barh(y, [0 if math.isnan(v) else 100 * v for v in values], color=colors, edgecolor="black", linewidth=0.5)
     for i, v in enumerate(values):
         ax.text(1 if math.isnan(v) else 100 * v + 1, i, "n/a" if math.isnan(v) else f"{100 * v:.1f}",
                 va="center", fontsize=7)
-    miou = summary.get("mIoU-19", math.nan)
+    miou = summary.get(headline, math.nan)
     if not math.isnan(miou):
         ax.axvline(100 * miou, color="black", linestyle="--", linewidth=1)
-    ax.set_yticks(list(y), CLASS_NAMES, fontsize=8)
+    ax.set_yticks(list(y), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 105)
     ax.set_xlabel("IoU (%)")
-    ax.set_title(f"validation IoU per class, mIoU-19 {100 * miou:.2f}%" if not math.isnan(miou) else "validation IoU")
+    ax.set_title(f"validation IoU per class, {headline} {100 * miou:.2f}%" if not math.isnan(miou) else "validation IoU")
     fig.tight_layout()
     fig.savefig(path)
 

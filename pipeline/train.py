@@ -40,7 +40,7 @@ from pipeline.data.datasets import DataConfig, Sample, load_image, load_label
 from pipeline.data.transforms import eval_transform
 from pipeline.evaluation import ConfusionMatrix, predict_probs
 from pipeline.label_store import LabelStore
-from pipeline.labels import NUM_CLASSES
+from pipeline.labels import NUM_CLASSES, check_same_space, label_space
 from pipeline.methods import Method, StepContext, STvMConfig, method_class, uses_amp
 from pipeline.models import (
     build_model,
@@ -53,7 +53,6 @@ from pipeline.models import (
 )
 
 CHECKPOINT_FILE = "checkpoint.pt"
-VAL_METRICS = ("mIoU-19", "mIoU-16", "mIoU-13", "pixel_accuracy")  # what "best" may be measured by
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")  # Ray placement groups
 Stage = Literal["source_only", "adversarial", "self_training", "oracle", "stvm"]
 
@@ -67,6 +66,7 @@ class TrainConfig:
     lr: float
     arch: str = "deeplabv2_resnet101"
     num_classes: int = NUM_CLASSES
+    label_space: str = "cityscapes19"  # pipeline.labels: its classes, metrics, checkpoints refused from others
     init: str | None = None  # start from this checkpoint (ours or a released IAST one)
     init_format: Literal["ours", "iast"] = "ours"
     imagenet_backbone: str | None = None  # torchvision ResNet weights, when init is None
@@ -161,8 +161,12 @@ class TrainConfig:
             raise ValueError(f"val_every must be >= 0 (0: validate at the end only), got {self.val_every}")
         if self.val_every and self.val is None:
             raise ValueError("val_every is set but the stage has no val data to validate on")
-        if self.val_metric not in VAL_METRICS:
-            raise ValueError(f"val_metric must be one of {', '.join(VAL_METRICS)}, got {self.val_metric!r}")
+        space = label_space(self.label_space)
+        if space.num_classes != self.num_classes:
+            raise ValueError(f"num_classes {self.num_classes} differs from label_space {space.name}'s {space.num_classes}")
+        if self.val_metric not in (*space.miou, "pixel_accuracy"):
+            raise ValueError(f"val_metric must be one of {', '.join((*space.miou, 'pixel_accuracy'))} in label space "
+                             f"{space.name}, got {self.val_metric!r}")
         outside = [s for s in self.keep_steps if not 1 <= s <= self.iterations]
         if outside:
             raise ValueError(f"keep_steps {outside} are outside the stage's steps 1..{self.iterations}")
@@ -188,6 +192,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{key}: {data.dataset} {data.split} at {data.root} has no labels")
     if cfg.label_store:
         manifest = LabelStore(cfg.label_store).manifest()
+        check_same_space(f"label store {cfg.label_store}", manifest.get("label_space"), cfg.label_space,
+                         "regenerate the labels in this label space or fix label_space")
         if manifest["num_classes"] != cfg.num_classes:
             raise ValueError(
                 f"label store {cfg.label_store} has {manifest['num_classes']} classes but the model "
@@ -207,7 +213,7 @@ def _build(cfg: TrainConfig):
     if cfg.init and cfg.init_format == "iast":
         load_iast_checkpoint(model, cfg.init)
     elif cfg.init:
-        load_checkpoint(model, cfg.init)
+        load_checkpoint(model, cfg.init, label_space=cfg.label_space)
     elif cfg.imagenet_backbone:
         load_imagenet_backbone(model, cfg.imagenet_backbone)
     set_batchnorm_mode(model, cfg.batchnorm)
@@ -330,7 +336,7 @@ def _save(session, cfg, step, student, optimizer, scheduler, modules, scalers, m
                     extras[f"{name}_optimizer"] = opt.state_dict()
             for name, scaler in scalers.items():
                 extras[name] = scaler.state_dict()  # {} when AMP is off
-            save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), student, **extras)
+            save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), student, label_space=cfg.label_space, **extras)
             directory = tmp
         session.report({"step": step, **metrics}, directory)
 
@@ -368,10 +374,10 @@ def _keep(cfg: TrainConfig, name: str, student, step: int, metrics: dict) -> Non
     values = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
     if storage.scheme(uri) == "file":
         partial = uri + ".partial"
-        save_checkpoint(partial, student, step=step, metrics=values)
+        save_checkpoint(partial, student, step=step, metrics=values, label_space=cfg.label_space)
         os.replace(partial, uri)
     else:  # an object store commits the object whole when the upload closes
-        save_checkpoint(uri, student, step=step, metrics=values)
+        save_checkpoint(uri, student, step=step, metrics=values, label_space=cfg.label_space)
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -396,7 +402,7 @@ def _better(metrics: dict, best: dict, key: str) -> bool:
 
 def evaluate_shard(model, samples: list[Sample], cfg: TrainConfig, device) -> ConfusionMatrix:
     """Every worker evaluates its share of ``samples``; the confusion matrices are summed."""
-    cm = ConfusionMatrix(cfg.num_classes)
+    cm = ConfusionMatrix(cfg.num_classes, space=cfg.label_space)
     rank, world = distributed.rank(), distributed.world_size()
     net = distributed.unwrap(model)
     distributed.broadcast_buffers(net)  # every shard is evaluated with the saved model's statistics
@@ -408,7 +414,7 @@ def evaluate_shard(model, samples: list[Sample], cfg: TrainConfig, device) -> Co
         # under the stage's mixed precision (fp16 autocast on a GPU with amp; fp32 otherwise)
         probs = predict_probs(net, image[None], sizes=sizes, output_size=label.shape[::-1], autocast=uses_amp(cfg))
         cm.update(probs.argmax(1)[0].cpu().numpy(), label)
-    return ConfusionMatrix(cfg.num_classes, distributed.sum_array(cm.matrix, device))
+    return ConfusionMatrix(cfg.num_classes, distributed.sum_array(cm.matrix, device), cfg.label_space)
 
 
 # -- the loop ---------------------------------------------------------------------------------

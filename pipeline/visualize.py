@@ -1,7 +1,8 @@
 """Small image helpers for previews: label overlays, grids on white, contact sheets.
 
-Label maps are train-id maps (H, W) coloured with `pipeline.labels.colorize`; images are
-RGB uint8 arrays (H, W, 3) or PIL images.
+Label maps are train-id maps (H, W) coloured in a label space's palette (``space=``,
+Cityscapes-19 by default: `pipeline.labels.colorize`); images are RGB uint8 arrays
+(H, W, 3) or PIL images.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import storage
-from pipeline.labels import CLASS_NAMES, NUM_CLASSES, PALETTE, colorize
+from pipeline.labels import CITYSCAPES19, LabelSpace, label_space
 
 GAP = 2  # white pixels between grid cells
 PAD = 4  # around text lines
@@ -37,25 +38,26 @@ def _fit(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size[::-1], Image.NEAREST))
 
 
-def overlay(image: ImageLike, label: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(image: ImageLike, label: np.ndarray, alpha: float = 0.5,
+            space: str | LabelSpace = CITYSCAPES19) -> np.ndarray:
     """The image with its coloured label map blended in; ignored pixels stay untouched."""
-    image = _array(image)
+    image, space = _array(image), label_space(space)
     label = _fit(label, image.shape[:2])
-    blend = (1 - alpha) * image + alpha * colorize(label)
-    return np.where((label < NUM_CLASSES)[..., None], blend, image).astype(np.uint8)
+    blend = (1 - alpha) * image + alpha * space.colorize(label)
+    return np.where((label < space.num_classes)[..., None], blend, image).astype(np.uint8)
 
 
-def label_cells(image: ImageLike, *label_maps: np.ndarray) -> list[np.ndarray]:
+def label_cells(image: ImageLike, *label_maps: np.ndarray, space: str | LabelSpace = CITYSCAPES19) -> list[np.ndarray]:
     """[image, colorize(label_1), colorize(label_2), ...] with every label map resized
     (nearest) to the image's size: one row of cells for `side_by_side`."""
-    image = _array(image)
-    return [image] + [colorize(_fit(label, image.shape[:2])) for label in label_maps]
+    image, space = _array(image), label_space(space)
+    return [image] + [space.colorize(_fit(label, image.shape[:2])) for label in label_maps]
 
 
-def preview_row(image: ImageLike, *label_maps: np.ndarray) -> np.ndarray:
+def preview_row(image: ImageLike, *label_maps: np.ndarray, space: str | LabelSpace = CITYSCAPES19) -> np.ndarray:
     """image | colorize(label_1) | colorize(label_2) ..., with white gaps; e.g. a
     pseudo-label and the ground truth."""
-    cells = label_cells(image, *label_maps)
+    cells = label_cells(image, *label_maps, space=space)
     gap = np.full((cells[0].shape[0], GAP, 3), 255, dtype=np.uint8)
     parts = [cells[0]]
     for cell in cells[1:]:
@@ -105,12 +107,13 @@ def _text_strip(text: str, width: int) -> Image.Image:
     return strip
 
 
-def legend(classes: Iterable[int], width: int) -> Image.Image:
+def legend(classes: Iterable[int], width: int, space: str | LabelSpace = CITYSCAPES19) -> Image.Image:
     """Coloured swatches and class names, wrapped into rows at most `width` wide."""
-    classes = list(classes)
+    classes, space = list(classes), label_space(space)
+    names, palette = space.classes, space.palette
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max(measure.textbbox((0, 0), CLASS_NAMES[c], font=font)[2] for c in classes)
+    text_w = max(measure.textbbox((0, 0), names[c], font=font)[2] for c in classes)
     text_h = measure.textbbox((0, 0), "Ag", font=font)[3]
     cell_w, cell_h = SWATCH + 3 + text_w + 2 * PAD, max(SWATCH, text_h) + PAD
     ncols = max(1, (width - PAD) // cell_w)
@@ -119,9 +122,9 @@ def legend(classes: Iterable[int], width: int) -> Image.Image:
     draw = ImageDraw.Draw(strip)
     for i, c in enumerate(classes):
         x, y = PAD + (i % ncols) * cell_w, PAD + (i // ncols) * cell_h
-        draw.rectangle([x, y, x + SWATCH - 1, y + SWATCH - 1], fill=tuple(int(v) for v in PALETTE[c]),
+        draw.rectangle([x, y, x + SWATCH - 1, y + SWATCH - 1], fill=tuple(int(v) for v in palette[c]),
                        outline="black")
-        draw.text((x + SWATCH + 3, y - 1), CLASS_NAMES[c], fill="black", font=font)
+        draw.text((x + SWATCH + 3, y - 1), names[c], fill="black", font=font)
     return strip
 
 
@@ -135,15 +138,16 @@ def _stack(parts: Sequence[Image.Image]) -> Image.Image:
 
 
 def contact_sheet(sections: Sequence[tuple[str, Sequence[Sequence[ImageLike]]]], title: str,
-                  classes: Iterable[int] = range(NUM_CLASSES)) -> Image.Image:
+                  classes: Iterable[int] | None = None, space: str | LabelSpace = CITYSCAPES19) -> Image.Image:
     """A title, then per section a caption over a grid of rows (e.g. image | coloured label),
-    then a legend of `classes`; everything as wide as the widest grid."""
+    then a legend of `classes` (default: all of the space's); everything as wide as the widest grid."""
+    space = label_space(space)
     grids = [(caption, side_by_side(rows)) for caption, rows in sections]
     width = max(grid.width for _, grid in grids)
     parts = [_text_strip(title, width)]
     for caption, grid in grids:
         parts += [_text_strip(caption, width), grid]
-    parts.append(legend(classes, width))
+    parts.append(legend(range(space.num_classes) if classes is None else classes, width, space))
     return _stack(parts)
 
 

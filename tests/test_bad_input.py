@@ -67,8 +67,9 @@ def test_every_problem_is_listed_at_once(benchmark_data, tmp_path):
 
 def test_weights_of_another_model_are_refused_before_work(benchmark_data, small_checkpoint, tmp_path):
     cfg = config.load(ExperimentConfig, "configs/benchmark.yaml", _tiny(
-        benchmark_data, tmp_path / "out", f"model.init={small_checkpoint}", "num_classes=16"))
-    with pytest.raises(config.ConfigError, match=r"(?s)model.init: .*the file has 19 classes, the model 16"):
+        benchmark_data, tmp_path / "out", f"model.init={small_checkpoint}", "label_space=robotcar9"))
+    with pytest.raises(config.ConfigError, match=rf"(?s)model.init: checkpoint {small_checkpoint}: label space "
+                                                 r"cityscapes19 \(19 classes\), but the experiment's is robotcar9"):
         cfg.check()
     cfg = config.load(ExperimentConfig, "configs/benchmark.yaml", _tiny(
         benchmark_data, tmp_path / "out", f"model.init={small_checkpoint}", "model.arch=deeplabv2_resnet101"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -27,10 +28,14 @@ from PIL import Image
 from pipeline import storage
 from pipeline.labels import IGNORE_INDEX, NUM_CLASSES
 
+NTHU_CITIES = ("Rome", "Rio", "Tokyo", "Taipei")  # NTHU Cross-City (reference §11)
 SPLITS: dict[str, tuple[str, ...]] = {
     "gta5": ("train",),
     "synthia": ("train",),
     "cityscapes": ("train", "val"),
+    # per city: its unlabelled train images and its labelled test images
+    "nthu": tuple(f"{city.lower()}_{part}" for city in NTHU_CITIES for part in ("train", "test")),
+    "robotcar": ("train", "val"),  # Oxford RobotCar as HIAST uses it: 894 unlabelled, 271 labelled
 }
 DATASETS: tuple[str, ...] = tuple(SPLITS)
 PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last bytes of every whole PNG
@@ -53,7 +58,7 @@ def check_dataset(dataset: str) -> None:
 class DataConfig:
     """A prepared dataset split, as the configs name it."""
 
-    dataset: str  # gta5 | synthia | cityscapes
+    dataset: str  # gta5 | synthia | cityscapes | nthu | robotcar
     root: str  # the dataset folder (local or s3://)
     split: str = "train"
     prepared: str | None = None  # where jobs/prepare_data.py wrote lists and labels (default: root)
@@ -79,11 +84,41 @@ class DataConfig:
         return digest.hexdigest()[:16]
 
 
+    def stats_uri(self) -> str:
+        return stats_uri(self.prepared or self.root, self.dataset, self.split)
+
+    def label_space(self) -> str | None:
+        """The label space the prepared train ids are in (None: an older preparation, or
+        Cityscapes-19, which leaves it unwritten so that its files stay as they were)."""
+        return prepared_label_space(self.stats_uri())
+
+
+def prepared_label_space(stats: str) -> str | None:
+    """The ``label_space`` that ``jobs/prepare_data.py`` wrote into a statistics file."""
+    import pyarrow.parquet as pq
+
+    if not storage.exists(stats):
+        return None
+    with storage.open_file(stats, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    value = meta.get(b"label_space")
+    return value.decode() if value else None
+
+
+# Semi-supervised Cityscapes (jobs/prepare_data.py --semi): train's labelled share and the
+# rest, e.g. train_labeled_1-8 / train_unlabeled_1-8 (a fraction), train_labeled_372 (a count).
+SEMI_SPLIT = re.compile(r"train_(labeled|unlabeled)_(\d+-\d+|\d+)")
+
+
 def check_split(dataset: str, split: str) -> None:
     check_dataset(dataset)
+    if dataset == "cityscapes" and SEMI_SPLIT.fullmatch(split):
+        return
     if split not in SPLITS[dataset]:
         raise ValueError(
             f"{dataset} has no split {split!r}: use one of {', '.join(SPLITS[dataset])}"
+            + (" (or train_labeled_<F> / train_unlabeled_<F> written by jobs/prepare_data.py --semi F)"
+               if dataset == "cityscapes" else "")
         )
 
 

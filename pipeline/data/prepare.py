@@ -12,6 +12,16 @@ Layouts (paths relative to the dataset root; ``<name>`` is the frame name):
   (``_color``, ``_instanceIds``, ``_polygons.json``, cityscapesScripts' ``*TrainIds``)
   are ignored. A split with no ``gtFine/<split>/`` folder is prepared unlabeled (a UDA
   target needs no labels).
+- ``nthu`` (NTHU Cross-City, one ``--city`` at a time: Rome, Rio, Tokyo, Taipei):
+  ``<City>/Images/Train/<name>.jpg`` (unlabelled: split ``<city>_train``),
+  ``<City>/Images/Test/<name>.jpg`` and ``<City>/Labels/Test/<name>_eval.png`` (8-bit
+  Cityscapes label ids: split ``<city>_test``), ``<city>`` in lower case. Its train ids
+  are those of the nthu13 label space.
+- ``robotcar`` (Oxford RobotCar as HIAST uses it): ``train/<name>.png`` (unlabelled; some
+  downloads put them one folder deeper, ``train/<folder>/<name>.png``), ``val/<name>.png``
+  and ``anno/<name>.png`` (RGBA, the class id in channel 0), train ids of robotcar9. Every
+  raw id not in its table is ignored (reference §11 gives no list of the others), so no id
+  is unknown.
 
 Any other file inside those folders is an error; other folders are not read.
 
@@ -32,11 +42,13 @@ Outputs under ``out`` (default: the root), read by ``pipeline.data.datasets``:
   name           string       frame name
   width, height  int32        image size in pixels
   image_sha256   string       digest of the image file (a re-rendered frame changes it)
-  class_pixels   list<int64>  pixel count of each train id 0..18 (19 values)
+  class_pixels   list<int64>  pixel count of each train id 0..K-1 of the label space
   ignore_pixels  int64        pixels labelled 255
   ============== ============ ================================================
 
-  (``class_pixels`` and ``ignore_pixels`` are null in an unlabeled split).
+  (``class_pixels`` and ``ignore_pixels`` are null in an unlabeled split). A label space
+  other than Cityscapes-19 is named in the file's schema metadata (``label_space``), which
+  the experiment checks against its own.
 
 Every file is written under a temporary name and renamed (object stores: one PUT), and
 train-id files of frames no longer listed are removed, so a re-run overwrites cleanly.
@@ -46,10 +58,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +74,8 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.data.datasets import (
+    JPEG_END,
+    NTHU_CITIES,
     PNG_END,
     SPLITS,
     check_dataset,
@@ -67,14 +83,7 @@ from pipeline.data.datasets import (
     stats_uri,
     trainid_path,
 )
-from pipeline.labels import (
-    CITYSCAPES_ID_TO_TRAIN,
-    GTA5_ID_TO_TRAIN,
-    IGNORE_INDEX,
-    NUM_CLASSES,
-    SYNTHIA_ID_TO_TRAIN,
-    SYNTHIA_KNOWN_IDS,
-)
+from pipeline.labels import CITYSCAPES19, IGNORE_INDEX, SYNTHIA_KNOWN_IDS, LabelSpace, label_space
 
 
 def _frames(first: int, last: int) -> set[str]:
@@ -98,11 +107,12 @@ _CITYSCAPES_KNOWN[[lab.id for lab in _CITYSCAPES_LABELS if lab.id >= 0]] = True
 _SYNTHIA_KNOWN = np.zeros(65536, dtype=bool)
 _SYNTHIA_KNOWN[sorted(SYNTHIA_KNOWN_IDS)] = True
 
-_ID_TABLES = {  # dataset -> (label id -> train id, known label ids)
-    "gta5": (GTA5_ID_TO_TRAIN, _CITYSCAPES_KNOWN),
-    "synthia": (SYNTHIA_ID_TO_TRAIN, _SYNTHIA_KNOWN),
-    "cityscapes": (CITYSCAPES_ID_TO_TRAIN, _CITYSCAPES_KNOWN),
-}
+_KNOWN_IDS = {"gta5": _CITYSCAPES_KNOWN, "synthia": _SYNTHIA_KNOWN, "cityscapes": _CITYSCAPES_KNOWN,
+              "nthu": _CITYSCAPES_KNOWN, "robotcar": np.ones(256, dtype=bool)}
+# The label space a dataset is prepared in unless --label-space says otherwise.
+DEFAULT_LABEL_SPACE = {"gta5": "cityscapes19", "synthia": "cityscapes19", "cityscapes": "cityscapes19",
+                       "nthu": "nthu13", "robotcar": "robotcar9"}
+IMAGE_FORMAT = {"nthu": "JPEG"}  # the others ship PNG
 
 _CITYSCAPES_IGNORED = (
     "_gtFine_color.png",
@@ -146,6 +156,7 @@ class Frame:
 class Prepared:
     dataset: str
     out: str
+    label_space: str
     frames: dict[str, int]  # split -> frames listed
     unlabeled: tuple[str, ...]  # splits prepared without labels
     excluded: tuple[str, ...]  # known-bad frames left out (those of GTA5_RELEASED_EXCLUDED present)
@@ -163,8 +174,8 @@ def _files(root: str, folder: str) -> list[str] | None:
     return sorted(f"{folder}/{p[len(base):]}" for p in fs.find(path))
 
 
-def _flat_pngs(root: str, folder: str, problems: list[str]) -> dict[str, str] | None:
-    """``folder/<name>.png`` files by name."""
+def _flat_pngs(root: str, folder: str, problems: list[str], suffix: str = ".png") -> dict[str, str] | None:
+    """``folder/<name><suffix>`` files by name."""
     files = _files(root, folder)
     if files is None:
         problems.append(f"{folder}/: folder not found")
@@ -172,10 +183,10 @@ def _flat_pngs(root: str, folder: str, problems: list[str]) -> dict[str, str] | 
     found = {}
     for path in files:
         rel = path[len(folder) + 1:]
-        if "/" in rel or not rel.endswith(".png"):
-            problems.append(f"{path}: unexpected file (expected {folder}/<name>.png)")
+        if "/" in rel or not rel.endswith(suffix) or rel == suffix:
+            problems.append(f"{path}: unexpected file (expected {folder}/<name>{suffix})")
         else:
-            found[rel[: -len(".png")]] = path
+            found[rel[: -len(suffix)]] = path
     return found
 
 
@@ -220,13 +231,66 @@ def _pair(
     return frames
 
 
-def scan(dataset: str, root: str) -> tuple[dict[str, list[Frame]], tuple[str, ...], list[str]]:
-    """Frames of each split, sorted by name; known-bad frames left out; layout problems."""
+def _scan_nthu(root: str, city: str | None, problems: list[str]) -> dict[str, list[Frame]]:
+    if city not in NTHU_CITIES:
+        given = "no --city given" if city is None else f"--city {city}: not an NTHU Cross-City city"
+        problems.append(f"{given}; give one of {', '.join(NTHU_CITIES)}")
+        return {}
+    train = _flat_pngs(root, f"{city}/Images/Train", problems, ".jpg")
+    test = _flat_pngs(root, f"{city}/Images/Test", problems, ".jpg")
+    labels = _flat_pngs(root, f"{city}/Labels/Test", problems, "_eval.png")
+    frames = {}
+    if train is not None:
+        if not train:
+            problems.append(f"{city}/Images/Train/: no images")
+        frames[f"{city.lower()}_train"] = [Frame(n, train[n], None) for n in sorted(train)]
+    if test is not None and labels is not None:
+        if not test:
+            problems.append(f"{city}/Images/Test/: no images")
+        frames[f"{city.lower()}_test"] = _pair(
+            test, labels, lambda n: f"{city}/Images/Test/{n}.jpg", lambda n: f"{city}/Labels/Test/{n}_eval.png",
+            problems)
+    return frames
+
+
+def _scan_robotcar(root: str, problems: list[str]) -> dict[str, list[Frame]]:
+    frames = {}
+    train = _files(root, "train")
+    if train is None:
+        problems.append("train/: folder not found")
+    else:
+        found: dict[str, str] = {}
+        for path in train:
+            parts = path.split("/")[1:]
+            if len(parts) > 2 or not parts[-1].endswith(".png"):
+                problems.append(f"{path}: unexpected file (expected train/<name>.png or train/<folder>/<name>.png)")
+            elif parts[-1][:-4] in found:
+                problems.append(f"{path}: a second train image named {parts[-1]} (also {found[parts[-1][:-4]]})")
+            else:
+                found[parts[-1][:-4]] = path
+        if not found:
+            problems.append("train/: no images")
+        frames["train"] = [Frame(n, found[n], None) for n in sorted(found)]
+    images, labels = _flat_pngs(root, "val", problems), _flat_pngs(root, "anno", problems)
+    if images is not None and labels is not None:
+        if not images:
+            problems.append("val/: no images")
+        frames["val"] = _pair(images, labels, lambda n: f"val/{n}.png", lambda n: f"anno/{n}.png", problems)
+    return frames
+
+
+def scan(dataset: str, root: str, city: str | None = None) -> tuple[dict[str, list[Frame]], tuple[str, ...], list[str]]:
+    """Frames of each split, sorted by name; known-bad frames left out; layout problems.
+    ``city``: NTHU's city (its splits only)."""
     check_dataset(dataset)
     problems: list[str] = []
     fs, path = storage.filesystem(root)
     if not fs.isdir(path):
         return {}, (), [f"{root}: folder not found"]
+    if dataset == "nthu":
+        return _scan_nthu(root, city, problems), (), problems
+    if dataset == "robotcar":
+        return _scan_robotcar(root, problems), (), problems
     if dataset == "cityscapes":
         frames = {}
         for split in SPLITS[dataset]:
@@ -274,15 +338,15 @@ def scan(dataset: str, root: str) -> tuple[dict[str, list[Frame]], tuple[str, ..
 # ---------------------------------------------------------------------------- decoding
 
 
-def _open_png(data: bytes, rel: str) -> Image.Image:
+def _open_png(data: bytes, rel: str, fmt: str = "PNG") -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ValueError(f"{rel}: unreadable or corrupt image ({e})") from None
-    if image.format != "PNG":
-        raise ValueError(f"{rel}: expected a PNG file, found {image.format}")
-    if not data.endswith(PNG_END):  # cut in its last chunk, the pixels may still decode
-        raise ValueError(f"{rel}: unreadable or corrupt image (truncated: no PNG end chunk); copy it again")
+    if image.format != fmt:
+        raise ValueError(f"{rel}: expected a {fmt} file, found {image.format}")
+    if not data.endswith({"PNG": PNG_END, "JPEG": JPEG_END}[fmt]):  # cut in its last bytes, it may still decode
+        raise ValueError(f"{rel}: unreadable or corrupt image (truncated: no {fmt} end marker); copy it again")
     return image
 
 
@@ -325,6 +389,11 @@ def read_label_ids(dataset: str, data: bytes, rel: str) -> np.ndarray:
     """Raw label ids of a label file (uint8, or uint16 for SYNTHIA)."""
     if dataset == "synthia":
         return read_first_channel16(data, rel)
+    if dataset == "robotcar":
+        image = _open_png(data, rel)
+        if image.mode != "RGBA":
+            raise ValueError(f"{rel}: expected an RGBA annotation PNG (class id in channel 0), got mode {image.mode}")
+        return np.asarray(_load(image, rel))[..., 0]
     image = _open_png(data, rel)
     if image.mode not in ("L", "P"):
         raise ValueError(
@@ -373,14 +442,15 @@ def _encode_png(label: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _prepare_frame(task: tuple[str, str, str, str, Frame]) -> _Result:
+def _prepare_frame(task: tuple[str, str, str, str, Frame, str]) -> _Result:
     """Check one frame; write its train-id label if it is valid."""
-    dataset, root, out, split, frame = task
+    dataset, root, out, split, frame, space_name = task
+    space = label_space(space_name)
     result = _Result(frame.name)
     try:
         data = _read(root, frame.image)
         result.image_sha256 = hashlib.sha256(data).hexdigest()
-        image = _load(_open_png(data, frame.image), frame.image)
+        image = _load(_open_png(data, frame.image, IMAGE_FORMAT.get(dataset, "PNG")), frame.image)
         result.width, result.height = image.size
         if image.mode not in _IMAGE_MODES:
             raise ValueError(f"{frame.image}: expected an 8-bit RGB image, got mode {image.mode}")
@@ -402,7 +472,7 @@ def _prepare_frame(task: tuple[str, str, str, str, Frame]) -> _Result:
             f"{frame.label}: size {ids.shape[1]}x{ids.shape[0]} differs from image "
             f"{frame.image} ({result.width}x{result.height})"
         )
-    to_train, known = _ID_TABLES[dataset]
+    to_train, known = space.raw_to_train(dataset), _KNOWN_IDS[dataset]
     counts = np.bincount(ids.ravel(), minlength=known.size)
     unknown = np.flatnonzero((counts > 0) & ~known)
     if unknown.size:
@@ -414,7 +484,7 @@ def _prepare_frame(task: tuple[str, str, str, str, Frame]) -> _Result:
     if result.problems:
         return result
     per_train_id = np.bincount(to_train, weights=counts, minlength=256).astype(np.int64)
-    result.class_pixels = per_train_id[:NUM_CLASSES].tolist()
+    result.class_pixels = per_train_id[:space.num_classes].tolist()
     result.ignore_pixels = int(per_train_id[IGNORE_INDEX])
     _write_atomic(
         storage.join(out, trainid_path(dataset, split, frame.name)), _encode_png(to_train[ids])
@@ -449,13 +519,15 @@ def _remove_stale(out: str, dataset: str, split: str, keep: set[str]) -> None:
 
 
 def _write_split(
-    dataset: str, out: str, split: str, frames: list[Frame], results: list[_Result]
+    dataset: str, out: str, split: str, frames: list[Frame], results: list[_Result], space: LabelSpace,
+    label_split: str | None = None,
 ) -> None:
+    """``label_split``: the split whose train-id files the list points at (default: its own)."""
     lines = []
     for frame in frames:
         fields = [frame.name, frame.image]
         if frame.label is not None:
-            fields.append(trainid_path(dataset, split, frame.name))
+            fields.append(trainid_path(dataset, label_split or split, frame.name))
         lines.append("\t".join(fields) + "\n")
     rows = [
         {
@@ -468,12 +540,15 @@ def _write_split(
         }
         for r in results
     ]
+    schema = _STATS_SCHEMA
+    if space is not CITYSCAPES19:  # Cityscapes-19 leaves it out: its files stay byte-identical to older ones
+        schema = schema.with_metadata({"label_space": space.name})
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=_STATS_SCHEMA), buffer)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
     _write_atomic(stats_uri(out, dataset, split), buffer.getvalue())
     _write_atomic(list_uri(out, dataset, split), "".join(lines).encode())
-    labeled = {f"{f.name}.png" for f in frames if f.label is not None}
-    _remove_stale(out, dataset, split, labeled)
+    if label_split is None:
+        _remove_stale(out, dataset, split, {f"{f.name}.png" for f in frames if f.label is not None})
 
 
 def _run(tasks: list, workers: int) -> list[_Result]:
@@ -486,33 +561,121 @@ def _run(tasks: list, workers: int) -> list[_Result]:
         return list(tqdm(pool.map(_prepare_frame, tasks, chunksize=chunksize), **progress))
 
 
-def prepare(dataset: str, root: str, out: str | None = None, workers: int | None = None) -> Prepared:
+def default_out(dataset: str, root: str, space: str) -> str:
+    """Where a dataset's preparation goes by default: the root, or ``<root>/prepared_<space>``
+    for a label space other than the dataset's own (so that the two never overwrite each other)."""
+    return root if space == DEFAULT_LABEL_SPACE[dataset] else storage.join(root, f"prepared_{space}")
+
+
+# ---------------------------------------------------------------------------- semi-supervised
+
+# The seed of the one permutation of Cityscapes train that every semi-supervised split takes
+# its first N frames of (so 1/8 is inside 1/4, inside 1/2, as in ClassMix's protocol). The
+# order is written (lists/cityscapes_train_order.txt) and reused, never drawn again.
+SEMI_SEED = 0
+
+
+def semi_tag(semi: str) -> str:
+    """The split suffix of a --semi value: "1/8" -> "1-8", "372" -> "372"."""
+    return semi.replace("/", "-")
+
+
+def semi_count(semi: str, total: int) -> int:
+    """How many train frames a --semi value labels: a fraction (rounded up, as 372 of 2,975
+    for 1/8) or a count. Raises ValueError naming the fix."""
+    try:
+        value = Fraction(semi)
+    except (ValueError, ZeroDivisionError):
+        value = None
+    if value is None or value <= 0 or ("/" in semi and value >= 1) or ("/" not in semi and value.denominator != 1):
+        raise ValueError(f"--semi {semi}: give a fraction below 1 (1/8, 1/4, 1/2) or a number of frames (372)")
+    count = math.ceil(value * total) if "/" in semi else int(value)
+    if not 1 <= count < total:
+        raise ValueError(f"--semi {semi}: labels {count} of the {total} train frames; at least one frame must be "
+                         "labelled and one left unlabelled")
+    return count
+
+
+def _semi_order(out: str, names: list[str], problems: list[str]) -> tuple[list[str], bool]:
+    """The fixed order of the train frames (and whether it is new): read, or drawn once."""
+    uri = storage.join(out, "lists", "cityscapes_train_order.txt")
+    if storage.exists(uri):
+        order = storage.read_bytes(uri).decode().split()
+        if sorted(order) != names:
+            problems.append(f"{uri}: holds {len(set(order) - set(names))} frame(s) not in train and misses "
+                            f"{len(set(names) - set(order))}; delete it to draw a new order (a new split)")
+        return order, False
+    return [names[i] for i in np.random.default_rng(SEMI_SEED).permutation(len(names))], True
+
+
+def _write_semi(out: str, semi: str, order: list[str], new_order: bool, frames: list[Frame],
+                results: list[_Result], space: LabelSpace) -> dict[str, int]:
+    labeled = set(order[:semi_count(semi, len(order))])
+    if new_order:
+        _write_atomic(storage.join(out, "lists", "cityscapes_train_order.txt"), "".join(f"{n}\n" for n in order).encode())
+    counts = {}
+    for kind, keep in (("labeled", True), ("unlabeled", False)):
+        split = f"train_{kind}_{semi_tag(semi)}"
+        chosen = [(f, r) for f, r in zip(frames, results) if (f.name in labeled) == keep]
+        _write_split("cityscapes", out, split, [f for f, _ in chosen], [r for _, r in chosen], space, "train")
+        counts[split] = len(chosen)
+    return counts
+
+
+def prepare(dataset: str, root: str, out: str | None = None, workers: int | None = None,
+            space: str | None = None, semi: str | None = None, city: str | None = None) -> Prepared:
     """Validate ``root`` as ``dataset``; write train-id labels, lists and statistics to ``out``.
 
+    ``space``: the label space the train ids are in (default: the dataset's own; another,
+    e.g. Cityscapes in nthu13, is written to ``default_out`` unless ``out`` is given).
+    ``semi`` (Cityscapes): also split train into ``train_labeled_<tag>`` (its first
+    ``semi_count`` frames in the fixed order of ``SEMI_SEED``) and ``train_unlabeled_<tag>``
+    (the rest; its list keeps the label paths, read only for pseudo-label statistics, as any
+    target's labels are). ``city``: NTHU's city to prepare (Rome, Rio, Tokyo, Taipei).
     Raises ``DatasetError`` listing every problem found (nothing but the train-id files
     of valid frames is written then).
     """
+    check_dataset(dataset)
+    space = label_space(space or DEFAULT_LABEL_SPACE[dataset])
+    space.raw_to_train(dataset)  # raises if the dataset's labels do not map into the space
     storage.check_uri(root)
-    out = storage.check_uri(out or root)
+    out = storage.check_uri(out or default_out(dataset, root, space.name))
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    frames, excluded, problems = scan(dataset, root)
-    tasks = [(dataset, root, out, split, f) for split in frames for f in frames[split]]
+    if semi is not None and dataset != "cityscapes":
+        raise ValueError(f"--semi splits Cityscapes train, not {dataset}")
+    if city is not None and dataset != "nthu":
+        raise ValueError(f"--city selects an NTHU Cross-City city, not a part of {dataset}")
+    frames, excluded, problems = scan(dataset, root, city)
+    if semi is not None:
+        train = frames.get("train", [])
+        if any(f.label is None for f in train):
+            problems.append("gtFine/train/: folder not found (a semi-supervised split needs train's labels)")
+        try:
+            semi_count(semi, len(train))
+        except ValueError as err:
+            problems.append(str(err))
+        order, new_order = _semi_order(out, sorted(f.name for f in train), problems)
+    tasks = [(dataset, root, out, split, f, space.name) for split in frames for f in frames[split]]
     results = _run(tasks, workers)
     problems += [p for r in results for p in r.problems]
     if problems:
         raise DatasetError(dataset, root, sorted(problems))
 
     by_split: dict[str, list[_Result]] = {split: [] for split in frames}
-    for (_, _, _, split, _), result in zip(tasks, results):
+    for (_, _, _, split, _, _), result in zip(tasks, results):
         by_split[split].append(result)
     for split in frames:
-        _write_split(dataset, out, split, frames[split], by_split[split])
+        _write_split(dataset, out, split, frames[split], by_split[split], space)
+    counts = {split: len(frames[split]) for split in frames}
+    if semi is not None:
+        counts.update(_write_semi(out, semi, order, new_order, frames["train"], by_split["train"], space))
     return Prepared(
         dataset=dataset,
         out=out,
-        frames={split: len(frames[split]) for split in frames},
+        label_space=space.name,
+        frames=counts,
         unlabeled=tuple(s for s in frames if any(f.label is None for f in frames[s])),
         excluded=excluded,
     )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pipeline import storage
+from pipeline.labels import LABEL_SPACES, check_same_space
 from pipeline.models.deeplab import DeepLabV2
 
 _SHOW = 5  # offending keys listed per kind
@@ -29,9 +30,11 @@ def save_checkpoint(uri: str, model: DeepLabV2, **extra: Any) -> None:
         torch.save({"model": model.state_dict(), **extra}, f)
 
 
-def load_checkpoint(model: DeepLabV2, uri: str) -> dict:
+def load_checkpoint(model: DeepLabV2, uri: str, label_space: str | None = None) -> dict:
     """Load a checkpoint written by ``save_checkpoint`` (a "module." prefix from DDP is
-    removed); returns the whole checkpoint dict, so the caller can read its extras."""
+    removed); returns the whole checkpoint dict, so the caller can read its extras.
+    ``label_space``: refuse a checkpoint of another label space (its ``label_space``
+    extra; an older checkpoint without one: the space of its number of classes)."""
     checkpoint = _read(uri)
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         raise ValueError(
@@ -39,9 +42,22 @@ def load_checkpoint(model: DeepLabV2, uri: str) -> dict:
             f"{_describe(checkpoint)}. For torchvision's ImageNet file use "
             "load_imagenet_backbone, for a released IAST checkpoint load_iast_checkpoint."
         )
-    state = _tensors(checkpoint["model"], uri, "the 'model' entry")
-    _load_exact(model, _strip_prefix(state, "module."), uri)
+    state = _strip_prefix(_tensors(checkpoint["model"], uri, "the 'model' entry"), "module.")
+    if label_space is not None:
+        _check_label_space(checkpoint.get("label_space"), state, uri, label_space)
+    _load_exact(model, state, uri)
     return dict(checkpoint)
+
+
+def _check_label_space(found: str | None, state: dict, uri: str, expected: str) -> None:
+    if found is None:  # written before label spaces: known by its classifier's outputs
+        classifier = state.get("classifier.convs.0.weight")
+        k = None if classifier is None else classifier.shape[0]
+        found = next((s.name for s in LABEL_SPACES.values() if s.num_classes == k), None)
+        if found is None:
+            return  # no space has that many classes: the strict load names the shapes
+    check_same_space(f"checkpoint {uri}", found, expected,
+                     f"start from a checkpoint trained in {expected}, or set label_space: {found}")
 
 
 def load_imagenet_backbone(model: DeepLabV2, uri: str) -> None:
