@@ -30,11 +30,19 @@ if ! gpus=$(nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,
   echo "  $PY -m pip install torch==$VERSION --index-url $INDEX" >&2
   exit 2
 fi
-lowest=$(echo "$gpus" | awk -F', *' '{print $2}' | sort -n | head -1)
-highest=$(echo "$gpus" | awk -F', *' '{print $2}' | sort -n | tail -1)
-driver=$(echo "$gpus" | head -1 | awk -F', *' '{print $3}')
-name=$(echo "$gpus" | head -1 | awk -F', *' '{print $1}')
-echo ">> $(echo "$gpus" | wc -l) NVIDIA GPU(s): $name, compute capability $lowest-$highest, driver $driver"
+# awk alone reads the whole list: `| head` would close the pipe early, and under pipefail
+# the writer's SIGPIPE (exit 141) would end the script.
+field() { awk -F', *' -v f="$1" -v which="$2" '
+  NR == 1 { lo = $f; hi = $f; first = $f }
+  $f + 0 < lo + 0 { lo = $f }
+  $f + 0 > hi + 0 { hi = $f }
+  END { print (which == "lowest" ? lo : which == "highest" ? hi : first) }' <<<"$gpus"; }
+lowest=$(field 2 lowest)
+highest=$(field 2 highest)
+driver=$(field 3 first)
+name=$(field 1 first)
+count=$(awk 'END { print NR }' <<<"$gpus")
+echo ">> $count NVIDIA GPU(s): $name, compute capability $lowest-$highest, driver $driver"
 
 below() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 < b + 0) }'; }
 if below "$lowest" 7.0; then
