@@ -314,7 +314,8 @@ class ExperimentConfig:
             raise ValueError(f"num_classes is {self.num_classes}, but label_space {space.name} has "
                              f"{space.num_classes} classes: remove num_classes, or choose the label_space")
         self.num_classes = space.num_classes
-        self.val_metric = self.val_metric or space.headline
+        if self.val_metric is None:  # an empty string is a mistake, not "the default"
+            self.val_metric = space.headline
         if self.val_metric not in (*space.miou, "pixel_accuracy"):
             raise ValueError(f"val_metric {self.val_metric!r} is not reported in label space {space.name}: use "
                              f"one of {', '.join((*space.miou, 'pixel_accuracy'))}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import re
 import signal
 import tempfile
@@ -31,6 +32,9 @@ from pipeline.experiment import ExperimentConfig
 
 BENCHMARK = "configs/benchmark.yaml"
 EXAMPLES = {"overrides": 400, "prepare": 120, "prepared": 120, "lists": 80}
+# derandomize: the same examples on every run, so that CI does not fail on a newly drawn
+# one; to explore further, run with HYPOTHESIS_RANDOM=1 (a fresh draw each time).
+RANDOM = bool(os.environ.get("HYPOTHESIS_RANDOM"))
 
 
 @contextmanager
@@ -120,7 +124,8 @@ def _at(data: dict, path: str):
     return data
 
 
-@settings(max_examples=EXAMPLES["overrides"], deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES["overrides"], deadline=None, derandomize=not RANDOM,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(override=overrides)
 def test_any_override_gives_a_config_or_an_error_naming_its_key(override):
     path, text = override
@@ -202,7 +207,7 @@ def _corrupt(path: Path, kind: str, how) -> None:
         path.write_bytes(_png(label))
 
 
-@settings(max_examples=EXAMPLES["prepare"], deadline=None)
+@settings(max_examples=EXAMPLES["prepare"], deadline=None, derandomize=not RANDOM)
 @given(corruption=corruptions, frame=st.sampled_from(["00001", "00002"]))
 def test_a_corrupt_dataset_file_is_refused_by_prepare_naming_it(corruption, frame):
     from pipeline.data.prepare import DatasetError, prepare
@@ -219,7 +224,7 @@ def test_a_corrupt_dataset_file_is_refused_by_prepare_naming_it(corruption, fram
         assert not (root / "lists").exists()  # nothing a training could read
 
 
-@settings(max_examples=EXAMPLES["prepared"], deadline=None)
+@settings(max_examples=EXAMPLES["prepared"], deadline=None, derandomize=not RANDOM)
 @given(corruption=corruptions.filter(lambda c: c[0] not in ("size", "image_mode")))
 def test_a_corrupt_prepared_file_is_refused_when_read_naming_it(corruption):
     """After preparation (a file damaged since): the loaders name it."""
@@ -249,7 +254,7 @@ list_damage = st.one_of(
 )
 
 
-@settings(max_examples=EXAMPLES["lists"], deadline=None)
+@settings(max_examples=EXAMPLES["lists"], deadline=None, derandomize=not RANDOM)
 @given(damage=list_damage, blank=st.booleans())
 def test_an_empty_or_damaged_list_is_refused_naming_it(damage, blank):
     from pipeline.data.datasets import list_samples
