@@ -113,25 +113,40 @@ class ComputeConfig:
 
 
 @dataclass
-class StageConfig:
-    """A warm-up or oracle training stage; iterations 0 skips it."""
+class StageSchedule:
+    """What every training stage's section sets, declared once: its length (0 skips it),
+    batch, batch norm, checkpoints, the lr cosine's period over its length, and periodic
+    validation (every val_every steps as well as at the end, the best kept)."""
 
     iterations: int = 0
-    lr: float = 1e-4
     batch_size: int = 8
     batchnorm: Literal["train", "frozen_affine", "frozen"] = "train"
+    checkpoint_every: int = 1000
+    # The released rounds use 1.5 (T_MAX 3 epochs for 2-epoch rounds): a round ends at
+    # 0.251x its lr, not at the floor.
+    cosine_period: float = 1.0
+    val_every: int = 0  # 0: validate at the end only
+    val_size: tuple[int, int] | None = None  # (width, height) of validation; None: eval_size
+
+    def __post_init__(self):
+        config_lib.require(self, "non_negative", "iterations", "val_every")
+        config_lib.require(self, "positive", "batch_size", "checkpoint_every", "val_size")
+
+
+@dataclass
+class StageConfig(StageSchedule):
+    """A warm-up or oracle training stage."""
+
+    lr: float = 1e-4
     adversarial_weight: float = 0.05  # adversarial stage only
     discriminator_lr: float = 2e-5
     discriminator_betas: tuple[float, float] = (0.9, 0.99)  # released IAST: (0.9, 0.999)
     discriminator_schedule: Literal["constant", "cosine"] = "constant"  # released IAST: cosine
-    checkpoint_every: int = 1000
-    cosine_period: float = 1.0  # the lr cosine's period over the stage's length
-    val_every: int = 0  # validate every N steps too and keep the best (0: at the end only)
-    val_size: tuple[int, int] | None = None  # (width, height) of validation; None: eval_size
 
     def __post_init__(self):
-        config_lib.require(self, "non_negative", "iterations", "adversarial_weight", "val_every")
-        config_lib.require(self, "positive", "lr", "batch_size", "discriminator_lr", "checkpoint_every", "val_size")
+        super().__post_init__()
+        config_lib.require(self, "non_negative", "adversarial_weight")
+        config_lib.require(self, "positive", "lr", "discriminator_lr")
         config_lib.require(self, "fraction", "discriminator_betas")
 
 
@@ -164,11 +179,10 @@ class ConsistencyConfig:
 
 
 @dataclass
-class SelfTrainingConfig:
+class SelfTrainingConfig(StageSchedule):
+    """The rounds: their schedule (StageSchedule, per round) and what each round sets."""
+
     rounds: list[RoundConfig] = field(default_factory=list)  # empty: no rounds (an stvm experiment)
-    iterations: int = 0  # per round
-    batch_size: int = 8
-    batchnorm: Literal["train", "frozen_affine", "frozen"] = "train"
     selector: Literal["ias", "cbst", "constant"] = "ias"
     beta: float = 0.9
     gamma: float = 8.0
@@ -196,42 +210,34 @@ class SelfTrainingConfig:
     # "sorted" by name, or "released_permutation", the released loader's seeded shuffle.
     label_order: Literal["sorted", "released_permutation"] = "sorted"
     label_resize: Literal["bilinear", "lanczos"] = "bilinear"  # of the labelling input; released: lanczos
-    checkpoint_every: int = 1000
-    # The lr cosine's period over a round's length: the released rounds use 1.5 (T_MAX 3
-    # epochs for 2-epoch rounds), so that a round ends at 0.251x its lr, not at the floor.
-    cosine_period: float = 1.0
-    val_every: int = 0  # validate every N steps too and keep the best (0: at the end only)
-    val_size: tuple[int, int] | None = None  # (width, height) of validation; None: eval_size
     # The backbone's lr over the head's in the rounds (None: model.backbone_lr_mult). The
     # released rounds train a pretrained backbone at 0.1x; a benchmark model trained from
     # scratch needs 1.0 in source-only and can keep 0.1 here.
     backbone_lr_mult: float | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         if self.backbone_lr_mult is not None and self.backbone_lr_mult <= 0:
             raise ValueError(f"self_training.backbone_lr_mult must be > 0 (or null), got {self.backbone_lr_mult}")
-        config_lib.require(self, "non_negative", "iterations", "gamma", "confident_weight", "ignored_weight",
-                           "hard_classes", "val_every")
-        config_lib.require(self, "positive", "batch_size", "instance_size", "checkpoint_every", "val_size")
+        config_lib.require(self, "non_negative", "gamma", "confident_weight", "ignored_weight", "hard_classes")
+        config_lib.require(self, "positive", "instance_size")
         config_lib.require(self, "probability", "beta", "constant_threshold")
         config_lib.require(self, "fraction", "cbst_portion")
 
 
 @dataclass
-class STvMStageConfig(STvMConfig):
+class STvMStageConfig(STvMConfig, StageSchedule):
     """Source-free adaptation after the warm-up, in place of the rounds (reference §10;
     docs/methods.md): the STvM settings (pipeline.methods.stvm.STvMConfig) and the stage's
-    schedule. It reads the warm-up's weights and the target images only."""
+    schedule (StageSchedule; iterations 0: no STvM stage). It reads the warm-up's weights
+    and the target images only."""
 
-    iterations: int = 0  # 0: no STvM stage
     lr: float = 1e-4
-    batch_size: int = 8
-    batchnorm: Literal["train", "frozen_affine", "frozen"] = "train"
     backbone_lr_mult: float | None = None  # None: model.backbone_lr_mult
-    checkpoint_every: int = 1000
-    cosine_period: float = 1.0
-    val_every: int = 0  # validate every N steps too and keep the best (0: at the end only)
-    val_size: tuple[int, int] | None = None  # (width, height) of validation; None: eval_size
+
+    def __post_init__(self):
+        STvMConfig.__post_init__(self)
+        StageSchedule.__post_init__(self)
 
     def settings(self) -> STvMConfig:
         return STvMConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(STvMConfig)})
@@ -497,7 +503,7 @@ class ExperimentConfig:
         return storage.join(self.output, "init", "checkpoint.pt")
 
     # -- stage configurations -------------------------------------------------------------
-    def _train(self, stage: str, name: str, section, lr: float, **kw) -> TrainConfig:
+    def _train(self, stage: str, name: str, section: StageSchedule, lr: float, **kw) -> TrainConfig:
         """A stage's TrainConfig from its config ``section`` (schedule, batch, validation)
         and the experiment-wide settings."""
         c = self.compute
