@@ -531,14 +531,18 @@ class ExperimentConfig:
         ch, links = self.chain, []
         if self.adversarial.iterations and self.source_only.iterations:
             links.append(("adversarial_init", "source_only", ch.adversarial_init))
-        warmup = self.warmup_stage
         for r in range(1, len(self.self_training.rounds) + 1):
-            st = self.self_training
             for role in ("generator", "init"):
-                source = warmup if r == 1 or getattr(st, f"{role}_from") == "warmup" else f"round_{r - 1}"
-                choice = getattr(ch, f"round1_{role}") if source == warmup else getattr(ch, role)
-                links.append((f"round_{r} {role}", source, choice))
+                links.append((f"round_{r} {role}", *self.round_link(r, role)))
         return links
+
+    def round_link(self, round_index: int, role: Literal["generator", "init"]) -> tuple[str, CheckpointChoice]:
+        """(the stage, its chain choice) that round ``round_index``'s generator (labels) or
+        init (weights) come from: the warm-up for round 1 or with self_training.<role>_from
+        warmup (chain.round1_<role>), else the round before (chain.<role>)."""
+        if round_index == 1 or getattr(self.self_training, f"{role}_from") == "warmup":
+            return self.warmup_stage, getattr(self.chain, f"round1_{role}")
+        return f"round_{round_index - 1}", getattr(self.chain, role)
 
     @property
     def warmup_stage(self) -> str:

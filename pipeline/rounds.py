@@ -217,8 +217,8 @@ def run_round(cfg: ExperimentConfig, round_index: int, tracker: ExperimentTracke
     lineage = {"label_store": cfg.label_store(round_index)}
     chosen = {}
     for role in ("generator", "init"):
-        source = previous if getattr(st, f"{role}_from") == "previous_round" else warmup
-        choice = getattr(cfg.chain, role) if source.stage.startswith("round_") else getattr(cfg.chain, f"round1_{role}")
+        source_stage, choice = cfg.round_link(round_index, role)
+        source = previous if source_stage == previous.stage else warmup
         uri, step = pick_checkpoint(source, choice, f"round {round_index}'s {role}")
         if role == "generator" and source.stage == "warmup" and cfg.model.generator_init:
             uri, choice = given_checkpoint(cfg, "generator_init"), "model.generator_init"
