@@ -26,7 +26,11 @@ def parse_config(cls, doc: str, argv: list[str] | None, extra=None):
     """``--config FILE`` (repeatable) plus ``key.sub=value`` overrides -> a validated ``cls`` (an
     experiment also checked: data, weights, output); exits 2 with every problem listed and
     no traceback (``--debug`` shows it), before Ray, MLflow or any file is started.
-    ``extra(parser)`` adds a job's own options; then (config, args) is returned."""
+    ``extra(parser)`` adds a job's own options; then (config, args) is returned.
+
+    An experiment's job also takes ``--check``, the dry run: the same check plus the
+    running Ray cluster's resources and the services the stages will use (see
+    ExperimentConfig.problems), then exits: 0 with a summary, or 2 with every problem."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append",
                         help="YAML file (local path or s3://); several are merged in order, a later one's keys "
@@ -34,16 +38,32 @@ def parse_config(cls, doc: str, argv: list[str] | None, extra=None):
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied on top of the file")
     if extra:
         extra(parser)
+    experiment = hasattr(cls, "check")  # an experiment: data, weights, output, all before any side effect
+    if experiment:
+        parser.add_argument("--check", action="store_true",
+                            help="dry run: check the config, every path, the MLflow server and the Ray cluster's "
+                                 "resources, print what was found and exit (0: ok, 2: problems); starts no stage "
+                                 "and no MLflow run, and leaves no file")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a config error")
     args = parser.parse_args(argv)
+    shapes = None
     try:
         cfg = config.load(cls, args.config, args.overrides)
-        if hasattr(cfg, "check"):  # an experiment: data, weights, output, all before any side effect
-            cfg.check()
+        if experiment and args.check:
+            from pipeline import cluster
+
+            init_ray()
+            shapes = cluster.node_shapes()
+        if experiment:
+            cfg.check(shapes)
     except (config.ConfigError, ValueError, OSError) as err:
         if args.debug:
             raise
         parser.exit(2, f"config error: {err}\n(nothing was started or written; --debug shows the traceback)\n")
+    if shapes is not None:
+        print(f"check ok: {cfg.name}, output {cfg.output}\n{cluster.summary(cfg, shapes)}\n"
+              "(nothing was started or written)")
+        sys.exit(0)
     return (cfg, args) if extra else cfg
 
 
@@ -98,15 +118,9 @@ def method_color(method: str) -> str:
 def experiment_tracker(cfg):
     """The MLflow tracker of an experiment; the resolved config is logged on its parent run,
     named ``<experiment>: <method>, <R> rounds`` and tagged ``method`` and ``rounds``."""
-    from pipeline import storage
     from pipeline.tracking import ExperimentTracker, ParamsChanged, default_tracking_uri
 
-    uri = cfg.tracking_uri
-    if uri is None:
-        if storage.scheme(cfg.output) != "file":
-            raise SystemExit("config error: set tracking_uri (an MLflow server or sqlite:///local/path.db) "
-                             "when output is not a local folder")
-        uri = default_tracking_uri(cfg.output)
+    uri = cfg.tracking_uri or default_tracking_uri(cfg.output)  # the config check wants one for remote output
     method, rounds = method_name(cfg), len(cfg.self_training.rounds)
     if cfg.source_free:
         run_name = f"{cfg.name}: {method}, {cfg.stvm.iterations} steps, source-free"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -356,19 +357,24 @@ class ExperimentConfig:
         """The stage whose model the final evaluation reports: the last round, or stvm."""
         return "stvm" if self.source_free else f"round_{len(self.self_training.rounds)}"
 
-    def check(self) -> None:
+    def check(self, cluster: list | None = None) -> None:
         """Fail in seconds, not hours, and before anything is created: raises ConfigError
         listing every problem (see ``problems``)."""
-        found = self.problems()
+        found = self.problems(cluster)
         if found:
             head = "1 problem" if len(found) == 1 else f"{len(found)} problems"
             raise config_lib.ConfigError(f"{head} before any work started:\n" + "\n".join(f"  - {p}" for p in found))
 
-    def problems(self) -> list[str]:
+    def problems(self, cluster: list | None = None) -> list[str]:
         """Everything that can be known wrong before the experiment starts, each naming the
         key or file and the fix: every stage's settings, storage URIs, an output that
         cannot be written, every dataset prepared (lists, labels) and every weights file
-        present and fitting the model (architecture and number of classes)."""
+        present and fitting the model (architecture and number of classes).
+
+        With ``cluster`` (pipeline.cluster.node_shapes(): the dry run, ``--check``), also
+        what only the running cluster and services tell: every stage's resources placed
+        on its nodes, the MLflow server answering, an s3:// output writable (a probe
+        object, written and removed)."""
         found = []
 
         def attempt(check, *args) -> None:
@@ -386,6 +392,13 @@ class ExperimentConfig:
             if getattr(self.model, key):
                 attempt(self._check_weights, key)
         attempt(self._check_output)
+        attempt(self._check_tracking)
+        if cluster is not None:
+            from pipeline import cluster as cluster_lib
+
+            found += cluster_lib.problems(self, cluster)
+            attempt(self._check_output_writable)
+            attempt(self._check_tracking_server)
         if self.compute.use_gpu and self.compute.gpu_memory_gb is not None:
             for stage, build in self._training_stages():
                 attempt(self._check_memory, stage, build)
@@ -455,6 +468,36 @@ class ExperimentConfig:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ValueError(f"output: {self.output} cannot be written ({existing} is not writable): choose "
                              "another output=...")
+
+    def _check_tracking(self) -> None:
+        if self.tracking_uri is None and storage.scheme(self.output) != "file":
+            raise ValueError("tracking_uri: set it (an MLflow server, e.g. http://mlflow:5000, or "
+                             "sqlite:///local/path.db) when output is not a local folder")
+
+    def _check_output_writable(self) -> None:
+        if storage.scheme(self.output) == "file":
+            return  # _check_output
+        probe = storage.join(self.output, f".write-check-{uuid.uuid4().hex}")
+        try:
+            storage.write_bytes(probe, b"")
+            fs, path = storage.filesystem(probe)
+            fs.rm(path)
+        except OSError as err:
+            raise ValueError(f"output: {self.output} cannot be written ({err}): check the bucket, the "
+                             "nodes' credentials and AWS_ENDPOINT_URL") from None
+
+    def _check_tracking_server(self) -> None:
+        import urllib.request
+
+        from pipeline.tracking import scrub_uri
+
+        if not (self.tracking_uri or "").startswith(("http://", "https://")):
+            return  # a local store: _check_output covers its folder
+        try:  # MLflow's server answers /health without creating anything
+            urllib.request.urlopen(self.tracking_uri.rstrip("/") + "/health", timeout=10).close()
+        except OSError as err:
+            raise ValueError(f"tracking_uri: the MLflow server {scrub_uri(self.tracking_uri)} does not answer "
+                             f"({scrub_uri(str(err))})") from None
 
     def check_stages(self) -> None:
         """Builds the configuration of every stage that will run, so that a setting one of

@@ -433,10 +433,10 @@ def rayjob_problems(docs: list[dict]) -> list[str]:
     env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}") or {}
     if env.get("working_dir") != dockerfile_workdir():
         problems.append(f"runtimeEnvYAML working_dir {env.get('working_dir')} != the image's WORKDIR")
-    script, *args = spec["entrypoint"].split()[1:]
-    for path in [script] + [a for a in args if a.endswith((".py", ".yaml"))]:
-        if not (ROOT / path).is_file():
-            problems.append(f"entrypoint names {path}, which is not in the repository")
+    for script, *args in python_commands(spec["entrypoint"]):
+        for path in [script] + [a for a in args if a.endswith((".py", ".yaml"))]:
+            if not (ROOT / path).is_file():
+                problems.append(f"entrypoint names {path}, which is not in the repository")
     head = cluster["headGroupSpec"]["template"]["spec"]
     groups = [g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])]
     images = {c["image"] for pod in [head, *groups] for c in pod["containers"]}
@@ -461,8 +461,6 @@ def test_rayjob_conforms_to_the_kuberay_v1_fields():
     docs = list(yaml.safe_load_all(text))
     assert rayjob_problems(docs) == []
     spec = docs[-1]["spec"]
-    assert spec["entrypoint"] == ("python jobs/iast_round.py --config configs/gta5_cityscapes.yaml "
-                                  "compute.num_workers=2 compute.gpu_memory_gb=15.78")  # 16 GB V100s
     assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"
 
 
@@ -503,3 +501,103 @@ def test_rayjob_checks_catch_a_broken_manifest(break_it, expected):
     docs = list(yaml.safe_load_all(RAYJOB.read_text()))
     break_it(docs)
     assert expected in "\n".join(rayjob_problems(docs))
+
+
+# -- the recipes: the job each cluster file submits ---------------------------------------------
+# The chain, on S3, tracked by an MLflow server, after its dry run; its config placeable on
+# the cluster the file describes, and each stage's batch fitting that cluster's GPUs.
+
+PLACEHOLDERS = {"<BUCKET>": "iast-bucket", "<MLFLOW_URI>": "http://mlflow.internal:5000"}
+
+
+def python_commands(shell: str) -> list[list[str]]:
+    """The ``python`` commands a shell line runs, in order, each as its argument list: bash
+    runs it, the <...> values replaced as a user does, with ``python`` (and ``ray job
+    submit``, which runs what follows ``--`` in a shell) replaced by functions that print
+    their arguments."""
+    for placeholder, value in PLACEHOLDERS.items():
+        shell = shell.replace(placeholder, value)
+    fakes = ('python() { printf "%s\\037" "$@"; echo; }; export -f python; '
+             'ray() { while [ "$1" != "--" ]; do shift; done; shift; bash -c "$*"; }; ')
+    done = subprocess.run(["bash", "-c", fakes + shell], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return [line.split("\037")[:-1] for line in done.stdout.splitlines()]
+
+
+def aws_submit_example() -> str:
+    """The `ARGS=... ray job submit ...` lines of the launcher config's header, as shell."""
+    lines = [line[1:].strip() for line in AWS.read_text().splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("ARGS="))
+    end = next(i for i, line in enumerate(lines) if line.startswith("RAY_AUTH_MODE=token ray job submit"))
+    while lines[end].endswith("\\"):
+        end += 1
+    return "\n".join(lines[start:end + 1])
+
+
+def recipe_problems(commands: list[list[str]], shapes) -> list[str]:
+    from pipeline import cluster, config
+    from pipeline.experiment import ExperimentConfig
+
+    if len(commands) != 2 or commands[0] != [commands[1][0], "--check", *commands[1][1:]]:
+        return [f"expected the dry run (--check), then the same job: {commands}"]
+    script, *args = commands[1]
+    if script != "jobs/run_experiment.py":
+        return [f"the recipe runs {script}, not the whole chain (jobs/run_experiment.py)"]
+    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    overrides = [a for a in args if "=" in a]
+    cfg = config.load(ExperimentConfig, configs, overrides)
+    paths = {"output": cfg.output, "model.imagenet_backbone": cfg.model.imagenet_backbone,
+             **{f"data.{k}.root": getattr(cfg.data, k).root for k in ("source", "target", "val")}}
+    problems = [f"{key} is {uri}, not on S3" for key, uri in paths.items() if not uri.startswith("s3://")]
+    if cfg.tracking_uri != PLACEHOLDERS["<MLFLOW_URI>"]:
+        problems.append(f"tracking_uri is {cfg.tracking_uri}, not the MLflow server")
+    problems += cluster.problems(cfg, shapes)
+    for stage, build in cfg._training_stages():  # the memory check of ExperimentConfig.problems
+        try:
+            cfg._check_memory(stage, build)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
+
+
+def rayjob_shapes(docs: list[dict]):
+    """The RayJob's Ray nodes: its head (num-cpus) and each worker group up to maxReplicas."""
+    from pipeline.cluster import NodeShape
+
+    spec = docs[-1]["spec"]["rayClusterSpec"]
+    shapes = [NodeShape("head", {"CPU": float(spec["headGroupSpec"]["rayStartParams"]["num-cpus"])}, 1)]
+    for group in spec["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        shapes.append(NodeShape(group["groupName"], {"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"])},
+                                group["maxReplicas"]))
+    return shapes
+
+
+def test_the_rayjob_runs_the_whole_chain_on_s3_after_its_dry_run():
+    docs = list(yaml.safe_load_all(RAYJOB.read_text()))
+    commands = python_commands(docs[-1]["spec"]["entrypoint"])
+    assert recipe_problems(commands, rayjob_shapes(docs)) == []
+    assert "configs/cluster/v100x4.yaml" in commands[1]  # the pods' 16 GB V100s
+
+
+def test_the_launcher_example_runs_the_whole_chain_on_s3_after_its_dry_run():
+    from pipeline.cluster import launcher_shapes
+
+    commands = python_commands(aws_submit_example())
+    assert recipe_problems(commands, launcher_shapes(yaml.safe_load(AWS.read_text()))) == []
+    assert "configs/cluster/v100x8_32gb.yaml" in commands[1]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("output=outputs/local", "output is"),  # a local output on a cluster
+        ("compute.num_workers=8", "no node can hold all 8 x {CPU 4, GPU 1} together"),
+        ("compute.num_workers=1", "GiB"),  # batch 8 on one 16 GB V100
+    ],
+)
+def test_the_recipe_checks_catch_a_broken_recipe(override, expected):
+    docs = list(yaml.safe_load_all(RAYJOB.read_text()))
+    job = python_commands(docs[-1]["spec"]["entrypoint"])[1] + [override]
+    broken = [[job[0], "--check", *job[1:]], job]
+    assert expected in "\n".join(recipe_problems(broken, rayjob_shapes(docs)))
