@@ -2,10 +2,10 @@
 (``jobs/run_experiment.py --check``), before any stage starts.
 
 The cluster is described by its node shapes: the node types the autoscaler may start
-(their resources and maximum count), else the nodes alive now. Each stage's demand is set against them as Ray would place it: a
-training stage's workers as one placement group (STRICT_PACK: every bundle on one node),
-the labelling actors all at once (Ray Data waits for the whole pool), evaluation tasks
-one at a time.
+(their resources and maximum count), else the nodes alive now. Each stage's demand is
+set against them as Ray would place it: a training stage's workers as one placement
+group (STRICT_PACK: every bundle on one node), the labelling actors all at once (Ray
+Data waits for the whole pool), evaluation tasks one at a time.
 """
 
 from __future__ import annotations

@@ -568,8 +568,8 @@ def rayjob_shapes(docs: list[dict]):
     shapes = [NodeShape("head", {"CPU": float(spec["headGroupSpec"]["rayStartParams"]["num-cpus"])}, 1)]
     for group in spec["workerGroupSpecs"]:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        shapes.append(NodeShape(group["groupName"], {"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"])},
-                                group["maxReplicas"]))
+        resources = {"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"])}
+        shapes.append(NodeShape(group["groupName"], resources, group["maxReplicas"]))
     return shapes
 
 
