@@ -19,6 +19,10 @@ without running the model again:
     class_pixels list<int64>[K]  pixels predicted as each class
     ground_truth binary  train-id labels (uint8, 255 ignore) resized to the map size, or
                          null; used only for pseudo-label precision statistics
+    histogram_cells, histogram_counts  binary  int32 little-endian: the non-empty cells of the
+                         image's per-class histogram of its float16 confidences (selectors.
+                         sparse_histogram), made by the labelling actor; the selection reads
+                         these alone for its thresholds
 
 ``labels`` rows:
 
@@ -72,8 +76,11 @@ PREDICTION_SCHEMA = pa.schema(
         ("confidence", pa.binary()),
         ("class_pixels", pa.list_(pa.int64())),
         ("ground_truth", pa.binary()),
+        ("histogram_cells", pa.binary()),
+        ("histogram_counts", pa.binary()),
     ]
 )
+HISTOGRAM_COLUMNS = ["histogram_cells", "histogram_counts"]
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -191,17 +198,16 @@ class LabelStore:
             lambda out: pq.write_table(table, out, compression="zstd", row_group_size=16),
         )
 
-    def _part_metadata(self, kind: str, part: int) -> dict | None:
-        """The metadata of a finished part, or None if the part is missing or unreadable."""
+    def _part_schema(self, kind: str, part: int) -> pa.Schema | None:
+        """The schema of a finished part, or None if the part is missing or unreadable."""
         path = self._path(kind, part_name(part))
         if not self._exists(path):
             return None
         try:
             with self._fs.open_input_file(path) as f:
-                meta = pq.read_schema(f).metadata or {}
+                return pq.read_schema(f)
         except (OSError, pa.ArrowInvalid):
             return None  # a torn file from a crash: recompute it
-        return json.loads(meta.get(_META_KEY, b"{}"))
 
     def write_predictions(self, part: int, rows: list[dict], metadata: dict) -> None:
         self._write_part("predictions", part, pa.Table.from_pylist(rows, PREDICTION_SCHEMA), metadata)
@@ -213,10 +219,21 @@ class LabelStore:
         """Prediction parts already written by a run with the same configuration."""
         done = set()
         for part in range(num_parts):
-            meta = self._part_metadata("predictions", part)
-            if meta is not None and meta.get("config_hash") == config_hash:
+            schema = self._part_schema("predictions", part)
+            if schema is None or not set(HISTOGRAM_COLUMNS) <= set(schema.names):
+                continue  # missing, torn, or written before the actors made histograms
+            if json.loads((schema.metadata or {}).get(_META_KEY, b"{}")).get("config_hash") == config_hash:
                 done.add(part)
         return done
+
+    def iter_histograms(self, num_parts: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Each image's sparse confidence histogram (cells, counts), in canonical order:
+        the histogram columns of the prediction parts, without their maps."""
+        for part in range(num_parts):
+            with self._fs.open_input_file(self._path("predictions", part_name(part))) as f:
+                table = pq.read_table(f, columns=HISTOGRAM_COLUMNS)
+            for row in table.to_pylist():
+                yield np.frombuffer(row["histogram_cells"], "<i4"), np.frombuffer(row["histogram_counts"], "<i4")
 
     def iter_predictions(self, num_parts: int) -> Iterator[PredictionRecord]:
         """Prediction records in canonical order, one part in memory at a time."""

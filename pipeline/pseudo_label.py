@@ -8,9 +8,11 @@ Two stages, so that the labels do not depend on how many workers made them:
    driver receives the results in labelling order (``preserve_order``) and writes them
    as prediction parts of ``part_size`` images. Parts already written by a run with the
    same configuration are kept, so a crashed job resumes where it stopped.
-2. **Select** (sequential, cheap). The selector walks the predictions in labelling
-   order — IAS's thresholds are a running state over that order — and writes the label
-   parts, then the manifest that marks the store complete.
+2. **Select** (sequential, cheap). The actors also made each image's confidence
+   histogram (selectors.sparse_histogram); the selector reads those alone, in labelling
+   order, for the thresholds — IAS's are a running state over that order — then walks
+   the predictions with them and writes the label parts, then the manifest that marks
+   the store complete.
 
 The labelling order is the canonical one (sorted by name), or with ``order:
 released_permutation`` the released code's: a seeded permutation of the sorted list.
@@ -22,8 +24,10 @@ The store format is documented in :mod:`pipeline.label_store`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -198,7 +202,13 @@ class _Predictor:
                 probs = predict_probs(self.model, x, sizes=self.test_sizes, flip=self.flip, output_size=(w, h),
                                       autocast=self.amp)[0]
                 conf, pred = probs.max(dim=0)
-                pred = pred.to(torch.uint8).cpu().numpy()
+                conf, pred = conf.half(), pred.to(torch.uint8)  # as stored
+                # Here, beside the GPU, not on the driver: only the thresholds' recursion
+                # over these histograms has to run in labelling order.
+                cells, counts = selectors.sparse_histogram(conf, pred, self.num_classes)
+                row["histogram_cells"] = cells.astype("<i4").tobytes()
+                row["histogram_counts"] = counts.astype("<i4").tobytes()
+                pred = pred.cpu().numpy()
                 row["prediction"] = pred.tobytes()
                 row["confidence"] = conf.cpu().numpy().astype("<f2").tobytes()
                 row["class_pixels"] = np.bincount(pred.ravel(), minlength=self.num_classes).tolist()
@@ -215,6 +225,8 @@ _PREDICTOR_SCHEMA = pa.schema(
         ("confidence", pa.binary()),
         ("class_pixels", pa.list_(pa.int64())),
         ("ground_truth", pa.binary()),
+        ("histogram_cells", pa.binary()),
+        ("histogram_counts", pa.binary()),
     ]
 )
 
@@ -333,7 +345,8 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
                                 "image": sample.image,
                                 "height": cfg.size[1],
                                 "width": cfg.size[0],
-                                **{k: row[k] for k in ("prediction", "confidence", "class_pixels", "ground_truth")},
+                                **{k: row[k] for k in ("prediction", "confidence", "class_pixels", "ground_truth",
+                                                       "histogram_cells", "histogram_counts")},
                             }
                         )
                     bar.update(1)
@@ -346,22 +359,21 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
 # -- stage 2: selection ------------------------------------------------------------------
 
 
-def _threshold_source(sel: SelectorConfig, store: LabelStore, num_parts: int, num_classes: int):
-    """A function (list of records) -> per-class thresholds for those records, in order."""
+def _thresholds(sel: SelectorConfig, store: LabelStore, num_parts: int, num_classes: int) -> Iterator[np.ndarray]:
+    """Per instance, in labelling order, the per-class thresholds its images are selected
+    with: from the histograms the actors made, read without the maps (IAS's recursion over
+    them is all that runs in order on the driver)."""
     if sel.name == "constant":
-        theta = np.full(num_classes, sel.threshold, np.float32)
-        return lambda records: theta
+        return itertools.repeat(np.full(num_classes, sel.threshold, np.float32))
+    histograms = store.iter_histograms(num_parts)
     if sel.name == "cbst":
         # CBST's thresholds need the whole target set first; they are applied to the stored
         # top-1 prediction (conf >= theta[argmax]), since the store keeps no full softmax.
-        hist = sum(
-            selectors.confidence_histogram(r.confidence, r.prediction, num_classes)
-            for r in store.iter_predictions(num_parts)
-        )
-        theta = selectors.cbst_thresholds(hist, sel.portion)
-        return lambda records: theta
+        return itertools.repeat(selectors.cbst_thresholds(selectors.dense_histogram(histograms, num_classes),
+                                                          sel.portion))
     ias = selectors.IAS(sel.alpha, sel.beta, sel.gamma, num_classes)
-    return lambda records: ias.update([r.confidence for r in records], [r.prediction for r in records])
+    return (ias.update_from_histogram(selectors.dense_histogram(instance, num_classes))
+            for instance in _instances(histograms, sel.instance_size))
 
 
 def _instances(records, size: int):
@@ -378,7 +390,7 @@ def _instances(records, size: int):
 def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images: int, metadata: dict) -> dict:
     """Stage 2: selector over the predictions in labelling order; writes the label parts."""
     k = cfg.num_classes
-    thresholds_for = _threshold_source(cfg.selector, store, num_parts, k)
+    thresholds = _thresholds(cfg.selector, store, num_parts, k)
     instance_size = cfg.selector.instance_size if cfg.selector.name == "ias" else 1
     totals = {key: np.zeros(k, np.int64) for key in ("class_pixels", "class_kept", "class_correct", "class_judged")}
     previews, names = [], []
@@ -389,7 +401,7 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
     records = store.iter_predictions(num_parts)
     with tqdm(total=num_images, desc="pseudo-label: select", unit="img") as bar:
         for instance in _instances(records, instance_size):
-            theta = np.asarray(thresholds_for(instance), np.float64)
+            theta = np.asarray(next(thresholds), np.float64)
             for r in instance:
                 # A part whose images were all skipped as unreadable still gets its (empty)
                 # labels part: readers open every part the manifest counts.

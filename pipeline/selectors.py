@@ -11,10 +11,14 @@ so these histograms hold exactly the values it sorts, and the results are bit-id
 to its loop. Histograms of several images add up, so workers can build them in parallel
 and only the (cheap) threshold recursion runs in canonical order:
 
-    hists = [confidence_histogram(conf, argmax) for ...]        # any worker, any order
+    hists = [sparse_histogram(conf, argmax) for ...]            # any worker, any order
     ias = IAS(alpha)                                             # fresh each round
-    thetas = [ias.update_from_histogram(sum(h)) for h in instances_in_canonical_order]
+    thetas = [ias.update_from_histogram(dense_histogram(h)) for h in instances_in_canonical_order]
     label = select(conf, argmax, theta_of_its_instance)          # any worker
+
+pipeline.pseudo_label does this: its labelling actors send each image's sparse histogram
+with its prediction, and the driver's selection reads the histograms alone for the
+thresholds.
 
 The released code compared float32 confidences with theta; select() on float16-stored
 confidences gives the same thresholds but can flip pixels within a float16 step of theta.
@@ -124,13 +128,24 @@ def _histogram_numpy(conf: np.ndarray, argmax: np.ndarray, num_classes: int, str
     return np.bincount(classes, minlength=num_classes * NUM_CODES)
 
 
-def _histogram_torch(conf: torch.Tensor, argmax: torch.Tensor, num_classes: int, stride: int) -> np.ndarray:
+def _histogram_torch(conf: torch.Tensor, argmax: torch.Tensor, num_classes: int, stride: int) -> torch.Tensor:
     # & 0x7FFF clears the sign of -0.0.
     codes = conf.to(torch.float16).reshape(-1).view(torch.int16).long() & 0x7FFF
     classes = argmax.reshape(-1).long()
     if stride > 1:
         codes, classes = _every_nth_per_class(codes, classes, num_classes, stride)
-    return torch.bincount(classes * NUM_CODES + codes, minlength=num_classes * NUM_CODES).cpu().numpy()
+    return torch.bincount(classes * NUM_CODES + codes, minlength=num_classes * NUM_CODES)
+
+
+def _flat_histogram(conf, argmax, num_classes: int, stride: int):
+    """The histogram's num_classes * NUM_CODES cells, flat: numpy, or a tensor on the input's device."""
+    conf, argmax = _numpy_if_cpu(conf), _numpy_if_cpu(argmax)
+    _check_maps(conf, argmax, num_classes)
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if _is_torch(conf):
+        return _histogram_torch(conf, argmax, num_classes, stride)
+    return _histogram_numpy(conf, argmax, num_classes, stride)
 
 
 def confidence_histogram(conf, argmax, num_classes: int = NUM_CLASSES, stride: int = 1) -> np.ndarray:
@@ -140,15 +155,30 @@ def confidence_histogram(conf, argmax, num_classes: int = NUM_CLASSES, stride: i
     ``stride`` > 1 keeps every stride-th pixel of each class in row-major order, as CBST's
     released code subsamples; call it once per image then.
     """
-    conf, argmax = _numpy_if_cpu(conf), _numpy_if_cpu(argmax)
-    _check_maps(conf, argmax, num_classes)
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if _is_torch(conf):
-        hist = _histogram_torch(conf, argmax, num_classes, stride)
-    else:
-        hist = _histogram_numpy(conf, argmax, num_classes, stride)
+    hist = _flat_histogram(conf, argmax, num_classes, stride)
+    if _is_torch(hist):
+        hist = hist.cpu().numpy()
     return hist.astype(np.int64, copy=False).reshape(num_classes, NUM_CODES)
+
+
+def sparse_histogram(conf, argmax, num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+    """One image's confidence_histogram as its non-empty cells: (flat cell indices, counts),
+    both int32. What a labelling actor sends with each prediction: a few thousand cells
+    instead of num_classes x 15,361 (on a GPU, only those leave the device)."""
+    hist = _flat_histogram(conf, argmax, num_classes, 1)
+    if _is_torch(hist):
+        cells = hist.nonzero()[:, 0]
+        return cells.int().cpu().numpy(), hist[cells].int().cpu().numpy()
+    cells = np.flatnonzero(hist)
+    return cells.astype(np.int32), hist[cells].astype(np.int32)
+
+
+def dense_histogram(sparse: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """The sum of images' sparse_histogram cells, as a confidence_histogram."""
+    hist = np.zeros(num_classes * NUM_CODES, np.int64)
+    for cells, counts in sparse:
+        hist[cells] += counts  # an image's cells are distinct
+    return hist.reshape(num_classes, NUM_CODES)
 
 
 def _percentile_with_extra(cum: np.ndarray, extra: np.float64, q: np.float64) -> np.float64:

@@ -55,6 +55,44 @@ def test_one_and_two_workers_give_identical_stores(ray_cluster, benchmark_data, 
     assert labels1[-1]["thresholds"] != [pytest.approx(0.9)] * 19
 
 
+@pytest.mark.parametrize("selector", [SelectorConfig("ias", instance_size=2), SelectorConfig("cbst", portion=0.5)],
+                         ids=["ias", "cbst"])
+def test_histograms_are_made_in_the_actors_and_two_shards_label_as_one(
+    ray_cluster, benchmark_data, small_checkpoint, tmp_path, monkeypatch, selector
+):
+    def on_the_driver(*args, **kwargs):
+        raise AssertionError("a confidence histogram was computed on the driver")
+
+    # Every histogram goes through _flat_histogram; the actors run in Ray's worker processes.
+    monkeypatch.setattr(selectors, "_flat_histogram", on_the_driver)
+    one = run(_cfg(tmp_path / "one", benchmark_data["target"], small_checkpoint, num_workers=1, selector=selector))
+    two = run(_cfg(tmp_path / "two", benchmark_data["target"], small_checkpoint, num_workers=2, selector=selector))
+    monkeypatch.undo()
+    labels1, _ = _store_rows(str(tmp_path / "one"))
+    labels2, predictions = _store_rows(str(tmp_path / "two"))
+    assert labels1 == labels2 and one["statistics"] == two["statistics"]
+
+    # Each prediction row carries its image's histogram: the one its stored maps give
+    maps = [(np.frombuffer(p["confidence"], "<f2"), np.frombuffer(p["prediction"], np.uint8)) for p in predictions]
+    for p, (conf, pred) in zip(predictions, maps):
+        cells, counts = np.frombuffer(p["histogram_cells"], "<i4"), np.frombuffer(p["histogram_counts"], "<i4")
+        assert 0 < len(cells) < 19 * selectors.NUM_CODES  # sparse
+        np.testing.assert_array_equal(selectors.dense_histogram([(cells, counts)]),
+                                      selectors.confidence_histogram(conf, pred))
+    # and the thresholds are those the driver computed from the maps before
+    if selector.name == "ias":
+        ias = selectors.IAS(selector.alpha)
+        expected = [ias.update([c for c, _ in maps[i:i + 2]], [a for _, a in maps[i:i + 2]])
+                    for i in range(0, len(maps), 2)]
+        expected = [theta for theta in expected for _ in range(2)][:len(maps)]
+    else:
+        total = sum(selectors.confidence_histogram(c, a) for c, a in maps)
+        expected = [selectors.cbst_thresholds(total, selector.portion)] * len(maps)
+    assert [r["thresholds"] for r in labels2] == [np.float32(t).tolist() for t in expected]
+    if selector.name == "cbst":  # (IAS keeps nothing of this random generator's output)
+        assert 0 < two["statistics"]["coverage_all"] < 1
+
+
 # torch.randperm(10, generator seeded 0), the released labelling order of 10 sorted images
 # under this torch (the order may change with torch's randperm; the review checked it with
 # the same first images for Cityscapes train, see the test below).

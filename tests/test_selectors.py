@@ -22,9 +22,11 @@ from pipeline.selectors import (
     cbst_thresholds,
     confidence_histogram,
     constant_select,
+    dense_histogram,
     hard_classes,
     ias_select_sequence,
     select,
+    sparse_histogram,
     spatial_prior,
 )
 
@@ -183,6 +185,24 @@ def test_torch_implementations_equal_numpy(conf_dtype):
             confidence_histogram(conf, argmax, stride=stride),
         )
     np.testing.assert_array_equal(_select_torch(conf_t, argmax_t, theta).numpy(), select(conf, argmax, theta))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_histograms_of_images_add_up_to_their_histogram(device):
+    rng = np.random.default_rng(3)
+    images = [random_maps(rng, (29, 31), 19, 7, ties) for ties in (False, True)]
+    sparse = []
+    for conf, argmax in images:
+        conf16 = torch.from_numpy(conf).to(device).half()  # as the actors store them
+        cells, counts = sparse_histogram(conf16, torch.from_numpy(argmax).to(device))
+        assert cells.dtype == counts.dtype == np.int32 and (counts > 0).all()
+        assert counts.sum() == conf.size and len(cells) < 19 * NUM_CODES
+        sparse.append((cells, counts))
+    expected = sum(confidence_histogram(conf.astype(np.float16), argmax) for conf, argmax in images)
+    np.testing.assert_array_equal(dense_histogram(sparse), expected)
+    cells, counts = sparse_histogram(images[0][0], images[0][1])  # numpy in, the same cells
+    np.testing.assert_array_equal(cells, sparse[0][0])
+    np.testing.assert_array_equal(counts, sparse[0][1])
 
 
 def test_float16_codes_round_like_numpy():
