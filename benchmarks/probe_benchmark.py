@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data import benchmark as B  # noqa: E402
-from pipeline.data.transforms import normalize, train_transform  # noqa: E402
+from pipeline.data.transforms import model_input, normalize, train_transform  # noqa: E402
 from pipeline.evaluation import ConfusionMatrix  # noqa: E402
 from pipeline.labels import CITYSCAPES_ID_TO_TRAIN, CLASS_NAMES, IGNORE_INDEX  # noqa: E402
 from pipeline.losses import cross_entropy, region_guided_loss  # noqa: E402
@@ -68,7 +68,7 @@ def train(model, data, steps, lr, crop_heights, crop_size=(192, 96), seed=0, pse
     for step in range(steps):
         pairs = [transform(*data[i], np.random.default_rng([seed, step, j]))
                  for j, i in enumerate(rng.integers(len(data), size=batch_size))]
-        x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        x, y = model_input(torch.stack([p[0] for p in pairs])), model_input(torch.stack([p[1] for p in pairs]))
         logits = model(x)
         loss = region_guided_loss(logits, y, IGNORE_INDEX, 0.1, ignored_weight).total if pseudo else cross_entropy(logits, y)
         optimizer.zero_grad()

@@ -253,13 +253,26 @@ class LabelStore:
                     ground_truth=None if gt is None else np.frombuffer(gt, np.uint8).reshape(shape),
                 )
 
-    def read_labels(self, columns: list[str] | None = None) -> pa.Table:
-        """All label rows of a complete store, in canonical order."""
+    def read_labels(self, columns: list[str] | None = None, rows: range | None = None) -> pa.Table:
+        """The label rows of a complete store in canonical order: all of them, or only
+        ``rows`` (positions in that order; a training worker's shard), reading only the
+        row groups that hold them (and every part's footer, to count its rows)."""
         manifest = self.manifest()
-        tables = []
+        tables, start = [], 0
         for part in range(manifest["num_parts"]):
             with self._fs.open_input_file(self._path("labels", part_name(part))) as f:
-                tables.append(pq.read_table(f, columns=columns))
+                if rows is None:
+                    tables.append(pq.read_table(f, columns=columns))
+                    continue
+                parquet = pq.ParquetFile(f)
+                for group in range(parquet.num_row_groups):
+                    n = parquet.metadata.row_group(group).num_rows
+                    lo, hi = max(rows.start, start), min(rows.stop, start + n)
+                    if lo < hi:
+                        tables.append(parquet.read_row_group(group, columns=columns).slice(lo - start, hi - lo))
+                    start += n
+        if not tables:  # an empty shard: the schema, no rows
+            return LABEL_SCHEMA.empty_table().select(columns or LABEL_SCHEMA.names)
         return pa.concat_tables(tables)
 
 

@@ -37,7 +37,7 @@ from pipeline import config as config_lib
 from pipeline import distributed, storage
 from pipeline.schedule import cosine_factor, group_floor
 from pipeline.data.datasets import DataConfig, Sample, load_image, load_label
-from pipeline.data.transforms import eval_transform
+from pipeline.data.transforms import eval_transform, model_input
 from pipeline.evaluation import ConfusionMatrix, predict_probs
 from pipeline.label_store import LabelStore
 from pipeline.labels import NUM_CLASSES, check_same_space, label_space
@@ -465,7 +465,7 @@ def run_stage(cfg: TrainConfig, session, on_step: Callable[[int, Method], None] 
         t0 = time.perf_counter()
         batch = {name: next(stream) for name, stream in streams.items()}
         t1 = time.perf_counter()
-        batch = {name: [t.to(device, non_blocking=True) for t in tensors] for name, tensors in batch.items()}
+        batch = {name: [model_input(t, device) for t in tensors] for name, tensors in batch.items()}
         optimizer.zero_grad(set_to_none=True)
         ctx.step = step
         terms = method.step(batch, ctx)

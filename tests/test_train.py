@@ -205,7 +205,7 @@ def test_pseudo_labels_are_enlarged_to_the_image_not_the_image_shrunk(tmp_path):
         "label": label.tobytes(), "thresholds": [0.9] * 19, "class_pixels": [1] * 19,
         "class_kept": [0] * 19, "class_correct": None,
     }], {"config_hash": "h"})
-    store.commit({"num_parts": 1, "config_hash": "h"})
+    store.commit({"num_parts": 1, "num_images": 1, "config_hash": "h"})
 
     load, size = _pseudo_labelled_loader(str(tmp_path / "store"))
     got_image, got_label = load(0)

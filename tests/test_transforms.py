@@ -42,8 +42,9 @@ def _crop_box(coords_out):
 def test_train_transform_output_types_and_shapes():
     image, label = _sample(1052, 1914)  # GTA5 frame size
     out_image, out_label = train_transform(GTA5_CROP_HEIGHTS)(image, label, np.random.default_rng(0))
-    assert out_image.dtype == torch.float32 and out_image.shape == (3, 512, 1024)
-    assert out_label.dtype == torch.int64 and out_label.shape == (512, 1024)
+    # uint8 through the DataLoader (model_input normalises on the device)
+    assert out_image.dtype == torch.uint8 and out_image.shape == (512, 1024, 3)
+    assert out_label.dtype == torch.uint8 and out_label.shape == (512, 1024)
     assert set(torch.unique(out_label).tolist()) <= {0, 1, 5, 18, 255}
 
 
@@ -208,12 +209,6 @@ def test_bad_inputs_are_rejected():
         RandomSizedCrop((500, 400))
 
 
-def _to_uint8(view: torch.Tensor) -> np.ndarray:
-    """Inverse of normalize (to the nearest integer)."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((view * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-
-
 @pytest.mark.parametrize("name", sorted(COLOUR_OPS))
 def test_each_colour_op_keeps_shape_and_changes_colours_only(name):
     image, _ = _sample(40, 60)
@@ -243,8 +238,9 @@ def test_weak_and_strong_views_share_geometry_and_labels():
     differs = 0
     for seed in range(10):
         weak, strong, label = transform(image, blocks, np.random.default_rng(seed))
-        assert weak.shape == strong.shape == (3, 64, 128) and label.shape == (64, 128)
-        weak_u8, strong_u8 = _to_uint8(weak), _to_uint8(strong)
+        assert weak.shape == strong.shape == (64, 128, 3) and label.shape == (64, 128)
+        assert weak.dtype == strong.dtype == label.dtype == torch.uint8
+        weak_u8, strong_u8 = weak.numpy(), strong.numpy()
         # the weak view is the plain crop of the image: its grey level names the label
         inner = np.ones(label.shape, dtype=bool)
         for dr in (-3, 0, 3):

@@ -27,18 +27,20 @@ class SampleStream(torch.utils.data.Dataset):
 
     The global position g = k * world + rank walks epochs of a seeded permutation, so
     workers see disjoint shards of every epoch and the stream resumes exactly from a step.
+    A ``sharded`` source holds this worker's own rows only (a label store's, see
+    ``shard``): position k walks epochs of those. Either way g seeds the augmentation.
     """
 
-    def __init__(self, load: Load, size: int, transform, seed: int, rank: int, world: int):
+    def __init__(self, load: Load, size: int, transform, seed: int, rank: int, world: int, sharded: bool = False):
         self.load, self.size, self.transform = load, size, transform
-        self.seed, self.rank, self.world = seed, rank, world
+        self.seed, self.rank, self.world, self.sharded = seed, rank, world, sharded
 
     def __len__(self) -> int:
         return 2**62
 
     def __getitem__(self, k: int):
         g = k * self.world + self.rank
-        epoch, pos = divmod(g, self.size)
+        epoch, pos = divmod(k if self.sharded else g, self.size)
         index = int(np.random.default_rng([self.seed, epoch]).permutation(self.size)[pos])
         image, label = self.load(index)
         return self.transform(image, label, np.random.default_rng([self.seed, g, 1]))
@@ -108,8 +110,22 @@ def labels_if_present(samples: list[Sample]) -> tuple[Load, int]:
     return load, size
 
 
+def shard(store: LabelStore) -> range:
+    """The rows of a label store this training worker trains on, the only ones it reads: a
+    contiguous block of the canonical order (a few row groups of a few parts), one per
+    rank (DistributedSampler's split, without its reshuffle across ranks each epoch)."""
+    rank, world, size = distributed.rank(), distributed.world_size(), store.manifest()["num_images"]
+    return range(rank * size // world, (rank + 1) * size // world)
+
+
 def pseudo_labelled(store_uri: str) -> tuple[Load, int]:
-    rows = LabelStore(store_uri).read_labels(columns=["image", "label", "height", "width"]).to_pylist()
+    """This worker's shard of a label store (see ``shard``): give ``batches`` sharded=True."""
+    store = LabelStore(store_uri)
+    rows = shard(store)
+    if not rows:
+        raise ValueError(f"label store {store_uri} holds {store.manifest()['num_images']} images, fewer than the "
+                         f"{distributed.world_size()} training workers: lower num_workers")
+    rows = store.read_labels(columns=["image", "label", "height", "width"], rows=rows).to_pylist()
 
     def load(i: int):
         row = rows[i]
@@ -126,18 +142,20 @@ def pseudo_labelled(store_uri: str) -> tuple[Load, int]:
 
 
 def batches(source: tuple[Load, int], crop_heights, cfg, start: int, salt: int, two_views: bool = False,
-            first=()) -> Iterator[list[torch.Tensor]]:
-    """This worker's batches of (image, label), or of (weak, strong, label) with
-    ``two_views``, from step ``start`` on. ``first``: transforms applied to the loaded
-    sample before the augmentation; ``salt`` tells two streams of one stage apart.
-    ``cfg``: a pipeline.train.TrainConfig (batch size, crop size, seed, loader settings)."""
+            first=(), sharded: bool = False) -> Iterator[list[torch.Tensor]]:
+    """This worker's batches of uint8 (image, label), or of (weak, strong, label) with
+    ``two_views`` (transforms.model_input normalises them on the device), from step
+    ``start`` on. ``first``: transforms applied to the loaded sample before the
+    augmentation; ``salt`` tells two streams of one stage apart; ``sharded``: the source
+    holds this worker's rows only. ``cfg``: a pipeline.train.TrainConfig (batch size,
+    crop size, seed, loader settings)."""
     load, size = source
     if cfg.decoded_cache_mb > 0:
         load = DecodedCache(load, cfg.decoded_cache_mb)
     rank, world = distributed.rank(), distributed.world_size()
     make = weak_strong_transform if two_views else train_transform
     transform = make(tuple(crop_heights), (cfg.crop_size[1], cfg.crop_size[0]), first=first)
-    dataset = SampleStream(load, size, transform, cfg.seed + salt, rank, world)
+    dataset = SampleStream(load, size, transform, cfg.seed + salt, rank, world, sharded)
     per_worker = cfg.batch_size // world
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -5,7 +5,8 @@ A sample is (image, label): a uint8 HWC RGB numpy image and an integer HW numpy 
 map. All randomness comes from the numpy Generator passed to each call, so a seeded
 Generator fixes the output. The training preset follows the released albumentations
 pipeline: HorizontalFlip(p=0.5), RandomBrightnessContrast(p=0.3), RandomSizedCrop with
-w = 2h resized to 512x1024 (image bilinear, label nearest), then ImageNet mean/std.
+w = 2h resized to 512x1024 (image bilinear, label nearest), then ImageNet mean/std (on
+the training device: the DataLoader passes uint8 tensors, see ``model_input``).
 """
 
 from __future__ import annotations
@@ -162,6 +163,28 @@ class Normalize:
         return normalize(image), torch.from_numpy(label.astype(np.int64))
 
 
+def _uint8_tensor(array: np.ndarray) -> Tensor:
+    # Train ids and 255 fit a byte. np.array copies: views of PIL images are read-only.
+    return torch.from_numpy(np.array(array, np.uint8))
+
+
+class ToTensors:
+    """Final step of a training sample: uint8 HWC image and uint8 HW label tensors, a
+    quarter and an eighth of float32 and int64 through the DataLoader's shared memory
+    and the copy to the GPU; ``model_input`` normalises a batch on the device."""
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+        return _uint8_tensor(image), _uint8_tensor(label)
+
+
+def model_input(batch: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """A training batch from the DataLoader as the model takes it, on ``device``: uint8
+    images (N, H, W, 3) ImageNet-normalised to float32 (N, 3, H, W), uint8 labels
+    (N, H, W) as int64."""
+    batch = batch.to(device, non_blocking=True)
+    return normalize(batch) if batch.dim() == 4 else batch.long()
+
+
 def _colour_jitter(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.6, 1.4))
     image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.6, 1.4))
@@ -207,15 +230,15 @@ class StrongColour:
 
 
 class WeakStrongViews:
-    """Final step of HIAST's augmentation: (weak image, strong image, label) tensors, the
-    strong image being the weak one after :class:`StrongColour`."""
+    """Final step of HIAST's augmentation: (weak image, strong image, label) uint8 tensors
+    (as :class:`ToTensors`), the strong image being the weak one after :class:`StrongColour`."""
 
     def __init__(self, strong: StrongColour | None = None):
         self.strong = strong or StrongColour()
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, Tensor, Tensor]:
         strong = self.strong(image, rng)
-        return normalize(image), normalize(strong), torch.from_numpy(label.astype(np.int64))
+        return _uint8_tensor(image), _uint8_tensor(strong), _uint8_tensor(label)
 
 
 class HardClassPaste:
@@ -265,14 +288,15 @@ def hard_class_donors(class_kept: np.ndarray, classes: Sequence[int], drop_small
 
 def train_transform(crop_height_range: tuple[int, int], output_size: tuple[int, int] = OUTPUT_SIZE,
                     first: Sequence[Transform] = ()) -> Compose:
-    """The released IAST training augmentation; call as ``transform(image, label, rng)``.
-    ``first``: steps before it (e.g. :class:`HardClassPaste`)."""
+    """The released IAST training augmentation; call as ``transform(image, label, rng)``
+    -> uint8 tensors (normalised on the device by ``model_input``). ``first``: steps
+    before it (e.g. :class:`HardClassPaste`)."""
     return Compose([
         *first,
         RandomHorizontalFlip(p=0.5),
         RandomBrightnessContrast(p=0.3),
         RandomSizedCrop(crop_height_range, output_size),
-        Normalize(),
+        ToTensors(),
     ])
 
 

@@ -44,7 +44,7 @@ class IAST(Method):
         pseudo = streams.pseudo_labelled(cfg.label_store)
         paste = [hard_class_paste(cfg.label_store, pseudo[0], cfg.hard_classes)] if cfg.hard_classes else []
         return {"main": streams.batches(pseudo, cfg.target_crop_heights, cfg, start, 0, two_views=self.two_views,
-                                        first=paste)}
+                                        first=paste, sharded=True)}
 
     def region_guided(self, logits, label):
         parts = region_guided_loss(logits, label, IGNORE_INDEX, self.cfg.confident_weight, self.cfg.ignored_weight)
@@ -59,10 +59,12 @@ class IAST(Method):
 
 
 def hard_class_paste(store_uri: str, load, num_hard: int) -> HardClassPaste:
-    """HIAST's pasting over a label store: its hardest classes and their donor images."""
+    """HIAST's pasting over a label store: its hardest classes and their donor images,
+    from this worker's shard (``load`` loads its rows)."""
     store = LabelStore(store_uri)
     hard, probs = selectors.hard_classes(store.manifest()["statistics"]["confidence"], num_hard)
-    kept = np.array(store.read_labels(columns=["class_kept"]).column("class_kept").to_pylist(), np.int64)
+    rows = store.read_labels(columns=["class_kept"], rows=streams.shard(store))
+    kept = np.array(rows.column("class_kept").to_pylist(), np.int64)
     paste = HardClassPaste(hard, probs, hard_class_donors(kept, hard), load)
     if not len(paste.classes) and distributed.rank() == 0:
         print(f"warning: label store {store_uri} keeps no pixel to paste; training without hard-class pasting",
