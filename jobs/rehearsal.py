@@ -95,27 +95,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-val", type=positive_int, default=4, help="Cityscapes val images")
     parser.add_argument("--scale", type=float, default=1.0, help="of every image and inference size (default 1: real)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report-only", action="store_true",
+                        help="only build the report again from the last run under --out (same options)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings of the experiment")
     args = parser.parse_args(argv)
 
     out = os.path.abspath(args.out)
     data, output = os.path.join(out, "data"), os.path.join(out, "run")
-    command = "python jobs/rehearsal.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    start, load = time.perf_counter(), os.getloadavg()
-    prep_start = time.perf_counter()
-    prep = make_data(args, data)
-    prep_wall = time.perf_counter() - prep_start
-
-    shutil.rmtree(output, ignore_errors=True)  # every stage runs, and is timed, again
     overrides = [f"output={output}", f"data.source.root={data}/GTA5", f"data.target.root={data}/cityscapes",
                  f"data.val.root={data}/cityscapes", *scale_overrides(args.scale), *args.overrides]
-    experiment = [arg for path in CONFIGS for arg in ("--config", path)] + overrides
-    with rehearsal.MemoryMonitor() as memory:
-        code = run_experiment.main(experiment)
-    if code:
-        return code
+    measured = os.path.join(out, "rehearsal_run.json")  # what only the run itself can measure
+    if not args.report_only:
+        start, load = time.time(), os.getloadavg()
+        prep = make_data(args, data)
+        prep_wall = time.time() - start
+        shutil.rmtree(output, ignore_errors=True)  # every stage runs, and is timed, again
+        experiment = [arg for path in CONFIGS for arg in ("--config", path)] + overrides
+        with rehearsal.MemoryMonitor() as memory:
+            code = run_experiment.main(experiment)
+        if code:
+            return code
+        with open(measured, "w") as f:
+            json.dump({"command": "python jobs/rehearsal.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                       "start": start, "load_average": load, "preparation": prep, "preparation_s": prep_wall,
+                       "memory": memory.peaks()}, f, indent=2)
     cfg = config_lib.load(ExperimentConfig, CONFIGS, overrides)
-    report = build_report(cfg, command, start, load, prep, prep_wall, memory)
+    report = build_report(cfg, json.load(open(measured)))
     path = os.path.join(out, "rehearsal_report.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
@@ -123,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build_report(cfg: ExperimentConfig, command: str, start: float, load, prep: dict, prep_wall: float,
-                 memory: rehearsal.MemoryMonitor) -> dict:
+def build_report(cfg: ExperimentConfig, run: dict) -> dict:
+    """The report of the run under cfg.output; ``run``: what the run measured itself."""
     sys.path.insert(0, ROOT)
     from benchmarks.estimate_cost import ASSUMED_V100_TFLOPS, flops
 
@@ -136,13 +141,14 @@ def build_report(cfg: ExperimentConfig, command: str, start: float, load, prep: 
     runs = rehearsal.stage_runs(cfg.tracking_uri or default_tracking_uri(cfg.output), cfg.name)
     rounds = range(1, len(cfg.self_training.rounds) + 1)
     stores = {f"round_{r}": rehearsal.label_store_report(cfg.label_store(r)) for r in rounds}
-    stages = {"preparation": {"wall_s": round(prep_wall, 2), "slowest_part": rehearsal._slowest(prep),
+    prep = run["preparation"]
+    stages = {"preparation": {"wall_s": round(run["preparation_s"], 2), "slowest_part": rehearsal._slowest(prep),
                               "parts_s": {k: round(v, 2) for k, v in prep.items()}}}
     experiment = runs.pop("experiment")  # the parent run: every stage, and the stages figure after them
-    between = experiment["wall_s"] - sum(run["wall_s"] for run in runs.values())
-    for stage, run in runs.items():
+    between = experiment["wall_s"] - sum(child["wall_s"] for child in runs.values())
+    for stage, child in runs.items():
         section = cfg.self_training if stage.startswith("round_") else getattr(cfg, stage, None)
-        stages[stage] = rehearsal.stage_report(stage, run, getattr(section, "iterations", 0), stores.get(stage))
+        stages[stage] = rehearsal.stage_report(stage, child, getattr(section, "iterations", 0), stores.get(stage))
 
     last = len(cfg.self_training.rounds)
     train_cfg = cfg.round_train_config(last, None)  # the largest labels (1536x768)
@@ -155,12 +161,12 @@ def build_report(cfg: ExperimentConfig, command: str, start: float, load, prep: 
                                             cfg.data.val.samples()[0].image, cfg.final_eval.sizes,
                                             flip=cfg.final_eval.flip or cfg.final_eval.report_flip)
     return {
-        "command": command, "cores": os.cpu_count(), "load_average": load, "load_average_end": os.getloadavg(),
-        "total_s": round(time.perf_counter() - start, 1), "experiment_s": round(experiment["wall_s"], 1),
+        "command": run["command"], "cores": os.cpu_count(), "load_average": run["load_average"],
+        "load_average_end": os.getloadavg(), "total_s": round(time.time() - run["start"], 1), "experiment_s": round(experiment["wall_s"], 1),
         "between_stages_s": round(between, 1),  # Ray start, config checks, the stages figure
         "finished": cfg.finished_stages(),
         "stages": stages, "pseudo_labels": stores, "loader": loader,
-        "evaluation_one_image": evaluation, "memory": memory.peaks(),
+        "evaluation_one_image": evaluation, "memory": run["memory"],
         "v100_step_gflop_per_image": round(step_flops / 1e9),
     }
 
