@@ -1,6 +1,6 @@
 """The GTA5 -> Cityscapes reproduction rehearsed at the real image sizes, on CPU (make rehearsal).
 
-    python jobs/rehearsal.py [--out outputs/rehearsal] [--source 12] [--target-train 24] [--target-val 4]
+    python jobs/rehearsal.py [--out outputs/rehearsal] [--source 8] [--target-train 16] [--target-val 2]
                              [--scale 1] [key.sub=value ...]
 
 1. writes synthetic GTA5 (1914x1052) and Cityscapes (2048x1024, train and val) in their
@@ -90,9 +90,9 @@ def make_data(args, data: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/rehearsal")
-    parser.add_argument("--source", type=positive_int, default=12, help="GTA5 frames")
-    parser.add_argument("--target-train", type=positive_int, default=24, help="Cityscapes train images (the target)")
-    parser.add_argument("--target-val", type=positive_int, default=4, help="Cityscapes val images")
+    parser.add_argument("--source", type=positive_int, default=8, help="GTA5 frames")
+    parser.add_argument("--target-train", type=positive_int, default=16, help="Cityscapes train images (the target)")
+    parser.add_argument("--target-val", type=positive_int, default=2, help="Cityscapes val images")
     parser.add_argument("--scale", type=float, default=1.0, help="of every image and inference size (default 1: real)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true",
