@@ -151,6 +151,23 @@ def _folder_bytes(uri: str) -> int:
     return sum(p.stat().st_size for p in Path(uri).rglob("*") if p.is_file()) if os.path.isdir(uri) else 0
 
 
+def _full_coverage_label_bytes(store_uri: str) -> float:
+    """Bytes per image of labels/ had every pixel been selected: the predictions' argmax
+    written as the store writes label parts. The rehearsal's few-step model selects few
+    pixels or none, and an all-ignore label compresses to nothing."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    total = images = 0
+    for part in sorted(Path(store_uri, "predictions").glob("part-*.parquet")):
+        table = pq.read_table(part, columns=["prediction"]).rename_columns(["label"])
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd", row_group_size=16)
+        total, images = total + buf.tell(), images + table.num_rows
+    return total / max(1, images)
+
+
 def label_store_report(store_uri: str) -> dict:
     """A label store's timings (images/s per part of the work) and its bytes per image."""
     manifest = LabelStore(store_uri).manifest()
@@ -165,8 +182,9 @@ def label_store_report(store_uri: str) -> dict:
              "selection": select["wall_s"] - select["write_s"],
              "write": predict.get("write_s", 0.0) + select["write_s"]}
     sizes = {kind: _folder_bytes(storage.join(store_uri, kind)) / n for kind in ("predictions", "labels")}
+    sizes["labels at full coverage"] = _full_coverage_label_bytes(store_uri)
     return {
-        "images": n, "size": [width, height],
+        "images": n, "size": [width, height], "coverage": manifest["statistics"]["coverage_all"],
         "wall_s": round(predict.get("wall_s", 0.0) + select["wall_s"], 2),
         "images_per_s": rate(predict.get("wall_s", 0.0) + select["wall_s"]),
         "images_per_s_by_part": {k: rate(v) for k, v in parts.items()},
@@ -296,9 +314,11 @@ def format_report(report: dict) -> str:
         lines.append(f"  {stage} at {p['size'][0]}x{p['size'][1]}, {p['images']} images: {p['images_per_s']} "
                      f"images/s ({by})")
         b, full = p["bytes_per_image"], p[f"bytes_per_{CITYSCAPES_TRAIN}_images"]
-        lines.append(f"    store per image: predictions/ {_mib(b['predictions'])}, labels/ {_mib(b['labels'])}; "
-                     f"for {CITYSCAPES_TRAIN:,} images: {_mib(full['predictions'])} + {_mib(full['labels'])}; "
-                     f"labels a training worker holds: {_mib(p[f'labels_in_memory_{CITYSCAPES_TRAIN}_images'])}")
+        lines.append(f"    store per image: predictions/ {_mib(b['predictions'])}, labels/ {_mib(b['labels'])} at "
+                     f"coverage {100 * p['coverage']:.1f}% ({_mib(b['labels at full coverage'])} at 100%); for "
+                     f"{CITYSCAPES_TRAIN:,} images: {_mib(full['predictions'])} + {_mib(full['labels'])} "
+                     f"({_mib(full['labels at full coverage'])}); labels a training worker holds: "
+                     f"{_mib(p[f'labels_in_memory_{CITYSCAPES_TRAIN}_images'])}")
     loader = report["loader"]
     lines.append("\nDataLoader of the round (full-size images, label store, 1024x512 crops, batch 8)")
     for workers, rate in loader["images_per_s_by_loader_processes"].items():
