@@ -119,6 +119,7 @@ def main() -> int:
           f"({labels / pngs:.2f}x the PNGs)")
     print(f"  label store, predictions/ (argmax+confidence): {predictions / n / 1024:8.1f} KiB  "
           "(kept so labels can be re-selected without the model)")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     ray.shutdown()
     return 0
 

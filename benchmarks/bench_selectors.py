@@ -139,6 +139,7 @@ def main() -> None:
     same_thetas = all(np.array_equal(a, b) for a, b in zip(half_thetas, ref_thetas))
     print(f"float16-stored conf: thetas identical {same_thetas}, "
           f"labels differ at {differ} of {pixels} pixels ({100 * differ / pixels:.4f}%)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     assert all(identical.values()), "labels or thetas differ from the released loop"
 
 

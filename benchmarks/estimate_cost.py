@@ -24,6 +24,9 @@ from pipeline.models import build_model
 
 CITYSCAPES_TRAIN, CITYSCAPES_VAL = 2975, 500
 MST = ((1024, 512), (1280, 640), (1536, 768), (1800, 900), (2048, 1024))
+# A V100's effective mixed-precision throughput, TFLOPS: assumed, not measured (no GPU has
+# run benchmarks/gpu_check.py yet); also the rehearsal's yardstick for the data loaders.
+ASSUMED_V100_TFLOPS = (15.0, 40.0)
 
 
 def flops(model, size, backward=False) -> float:
@@ -38,7 +41,7 @@ def flops(model, size, backward=False) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tflops", type=float, nargs="+", default=[15.0, 40.0],
+    parser.add_argument("--tflops", type=float, nargs="+", default=list(ASSUMED_V100_TFLOPS),
                         help="assumed effective V100 TFLOPS under AMP (default: 15 and 40)")
     parser.add_argument("--efficiency", type=float, default=0.85, help="assumed DDP scaling efficiency beyond 1 GPU")
     parser.add_argument("--price", type=float, default=3.06, help="USD per hour of a 1-V100 node (p3.2xlarge list)")

@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import json
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -148,7 +149,8 @@ def _load_images(batch: dict, size: tuple[int, int], image_size: tuple[int, int]
     with the ``resize`` filter) and any ground truth at the pseudo-label ``size``.
 
     An unreadable file does not fail the task: its error travels with its row, so the
-    driver first saves every finished part before it, then fails (or skips it).
+    driver first saves every finished part before it, then fails (or skips it). Each row
+    carries its decoding time (``decode_s``) to the driver's timings.
     """
     w, h = size
     iw, ih = image_size or size
@@ -157,8 +159,10 @@ def _load_images(batch: dict, size: tuple[int, int], image_size: tuple[int, int]
     gts = np.full((n, h, w), IGNORE_INDEX, np.uint8)
     has_gt = np.zeros(n, bool)
     errors = np.full(n, "", dtype=object)
+    seconds = np.zeros(n)
     image_filter = RESIZE_FILTERS[resize]
     for i in range(n):
+        start = time.perf_counter()
         try:
             image = load_image(batch["image"][i])
             images[i] = np.asarray(Image.fromarray(image).resize((iw, ih), image_filter))
@@ -168,7 +172,9 @@ def _load_images(batch: dict, size: tuple[int, int], image_size: tuple[int, int]
                 has_gt[i] = True
         except (OSError, ValueError) as err:
             errors[i] = str(err)
-    return {"index": batch["index"], "image": images, "ground_truth": gts, "has_gt": has_gt, "error": errors}
+        seconds[i] = time.perf_counter() - start
+    return {"index": batch["index"], "image": images, "ground_truth": gts, "has_gt": has_gt, "error": errors,
+            "decode_s": seconds}
 
 
 class _Predictor:
@@ -193,7 +199,9 @@ class _Predictor:
     def __call__(self, batch: dict) -> pa.Table:
         rows = []
         for i in range(len(batch["index"])):
-            row = {"index": int(batch["index"][i]), "error": batch["error"][i]}
+            row = {"index": int(batch["index"][i]), "error": batch["error"][i],
+                   "decode_s": float(batch["decode_s"][i]) if "decode_s" in batch else None}
+            start = time.perf_counter()
             if not row["error"]:
                 w, h = self.size
                 # np.array copies: Ray Data hands a read-only view of its block when this
@@ -213,6 +221,7 @@ class _Predictor:
                 row["confidence"] = conf.cpu().numpy().astype("<f2").tobytes()
                 row["class_pixels"] = np.bincount(pred.ravel(), minlength=self.num_classes).tolist()
                 row["ground_truth"] = batch["ground_truth"][i].tobytes() if batch["has_gt"][i] else None
+            row["forward_s"] = time.perf_counter() - start  # the model, argmax and the bytes
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=_PREDICTOR_SCHEMA)
 
@@ -227,6 +236,8 @@ _PREDICTOR_SCHEMA = pa.schema(
         ("ground_truth", pa.binary()),
         ("histogram_cells", pa.binary()),
         ("histogram_counts", pa.binary()),
+        ("decode_s", pa.float64()),
+        ("forward_s", pa.float64()),
     ]
 )
 
@@ -292,14 +303,25 @@ def _ray_actor_args(cfg: PseudoLabelConfig) -> dict:
     return {"num_cpus": cfg.cpus_per_worker}
 
 
-def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, settings: dict) -> int:
-    """Stage 1: write every missing prediction part; returns how many parts were reused."""
+def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, settings: dict,
+            timings: dict | None = None) -> int:
+    """Stage 1: write every missing prediction part; returns how many parts were reused.
+    ``timings``, if given, receives the seconds spent decoding and in the model (summed over
+    the images, in the tasks and actors), writing parts (on the driver) and in all (wall)."""
     config_hash = _hash(settings)
     num_parts = math.ceil(len(samples) / cfg.part_size)
     done = store.finished_prediction_parts(num_parts, config_hash)
     todo = [i for i, _ in enumerate(samples) if i // cfg.part_size not in done]
     if not todo:
         return len(done)
+    timings = {} if timings is None else timings
+    timings.update(images=0, decode_s=0.0, forward_s=0.0, write_s=0.0)
+    wall = time.perf_counter()
+
+    def write(part: int, rows: list[dict]) -> None:
+        start = time.perf_counter()
+        store.write_predictions(part, rows, metadata)
+        timings["write_s"] += time.perf_counter() - start
 
     items = [
         {"index": i, "image": samples[i].image, "label": samples[i].label or ""}
@@ -328,7 +350,7 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
                 for row in batch.to_pylist():
                     index = row["index"]
                     if index // cfg.part_size != part:
-                        store.write_predictions(part, pending, metadata)
+                        write(part, pending)
                         pending, part = [], index // cfg.part_size
                     sample = samples[index]
                     if row["error"] and not cfg.skip_unreadable:
@@ -338,6 +360,9 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
                             "are kept: a re-run resumes after them."
                         )
                     if not row["error"]:  # a skipped unreadable image gets no row
+                        timings["images"] += 1
+                        timings["decode_s"] += row["decode_s"] or 0.0
+                        timings["forward_s"] += row["forward_s"]
                         pending.append(
                             {
                                 "index": index,
@@ -350,9 +375,10 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
                             }
                         )
                     bar.update(1)
-            store.write_predictions(part, pending, metadata)
+            write(part, pending)
     finally:
         ctx.execution_options.preserve_order = previous_order
+    timings["wall_s"] = time.perf_counter() - wall
     return len(done)
 
 
@@ -388,7 +414,16 @@ def _instances(records, size: int):
 
 
 def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images: int, metadata: dict) -> dict:
-    """Stage 2: selector over the predictions in labelling order; writes the label parts."""
+    """Stage 2: selector over the predictions in labelling order; writes the label parts.
+    The result's ``seconds``: in all (reading the predictions too) and writing the parts."""
+    wall, written = time.perf_counter(), 0.0
+
+    def write(part: int, rows: list[dict]) -> None:
+        nonlocal written
+        start = time.perf_counter()
+        store.write_labels(part, rows, metadata)
+        written += time.perf_counter() - start
+
     k = cfg.num_classes
     thresholds = _thresholds(cfg.selector, store, num_parts, k)
     instance_size = cfg.selector.instance_size if cfg.selector.name == "ias" else 1
@@ -406,7 +441,7 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
                 # A part whose images were all skipped as unreadable still gets its (empty)
                 # labels part: readers open every part the manifest counts.
                 while part < r.index // cfg.part_size:
-                    store.write_labels(part, rows, metadata)
+                    write(part, rows)
                     rows, part = [], part + 1
                 label = selectors.select(r.confidence, r.prediction, theta)
                 if cfg.selector.label_values != "prediction":
@@ -444,10 +479,11 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
                     previews.append((r, label))
                 bar.update(1)
         while part < num_parts:  # the last part, and any skipped ones after the last record
-            store.write_labels(part, rows, metadata)
+            write(part, rows)
             rows, part = [], part + 1
     return {"totals": totals, "final_thresholds": theta, "confidence": difficulty.value,
-            "previews": previews, "names": names}
+            "previews": previews, "names": names,
+            "seconds": {"wall_s": time.perf_counter() - wall, "write_s": written}}
 
 
 def selection_statistics(totals: dict, final_thresholds: np.ndarray, confidence: np.ndarray) -> dict:
@@ -514,7 +550,8 @@ def run(cfg: PseudoLabelConfig) -> dict:
             f"(config hash {manifest.get('config_hash')} vs {config_hash}); choose another store "
             "path or delete it to regenerate"
         )
-    parts_reused = predict(cfg, samples, store, settings)
+    prediction_timings: dict = {}
+    parts_reused = predict(cfg, samples, store, settings, prediction_timings)
     num_parts = math.ceil(len(samples) / cfg.part_size)
     metadata = {"config_hash": config_hash, "selector": selection, "round": cfg.round}
     result = select(cfg, store, num_parts, len(samples), metadata)
@@ -535,6 +572,9 @@ def run(cfg: PseudoLabelConfig) -> dict:
         "part_size": cfg.part_size,
         "skipped_unreadable": skipped,
         "prediction_parts_reused": parts_reused,
+        # Where the time went (pipeline.rehearsal reports it): the predictions made by this
+        # run (none when every part was reused) and the selection.
+        "timings": {"predict": prediction_timings, "select": result["seconds"]},
         "statistics": stats,
         "previews": preview_uris,
     }

@@ -120,12 +120,14 @@ def _float16_codes(conf: np.ndarray) -> np.ndarray:
 
 def _histogram_numpy(conf: np.ndarray, argmax: np.ndarray, num_classes: int, stride: int) -> np.ndarray:
     codes = _float16_codes(conf)
-    classes = argmax.reshape(-1).astype(np.intp)
+    classes = argmax.reshape(-1)
     if stride > 1:
-        codes, classes = _every_nth_per_class(codes, classes, num_classes, stride)
-    classes *= NUM_CODES
-    classes += codes
-    return np.bincount(classes, minlength=num_classes * NUM_CODES)
+        codes, classes = _every_nth_per_class(codes, classes.astype(np.intp), num_classes, stride)
+    # One pass to the combined index class * NUM_CODES + code, in intp: np.bincount takes
+    # intp as it is and converts anything else first (a pass as long as the counting).
+    index = np.multiply(classes, NUM_CODES, dtype=np.intp)
+    index += codes
+    return np.bincount(index, minlength=num_classes * NUM_CODES)
 
 
 def _histogram_torch(conf: torch.Tensor, argmax: torch.Tensor, num_classes: int, stride: int) -> torch.Tensor:
