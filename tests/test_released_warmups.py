@@ -180,3 +180,14 @@ def test_the_rounds_start_from_the_converted_checkpoint(benchmark_data, tmp_path
     load_checkpoint(loaded, start)  # ours now: what labelling and training read
     assert torch.equal(loaded.classifier.convs[1].weight, state["layer6.conv2d_list.1.weight"])
     assert torch.equal(loaded.backbone.layer4[0].bn2.running_mean, state["layer4.0.bn2.running_mean"])
+
+
+@pytest.mark.parametrize("warmup", ["adaptsegnet", "advent"])
+def test_the_warmup_configs_label_and_start_round_1_with_the_file(warmup):
+    cfg = config.load(ExperimentConfig, ["configs/gta5_cityscapes.yaml", f"configs/warmups/{warmup}.yaml"],
+                      ["model.init=/weights/released.pth"])
+    assert (cfg.model.arch, cfg.model.init_format) == (f"deeplabv2_resnet101_{warmup}", warmup)
+    assert cfg.round_link(1, "generator") == cfg.round_link(1, "init") == ("warmup", "last")
+    assert cfg.data.source is None  # the rounds read the target only: no GTA5 needed
+    cfg.check_chain()
+    assert cfg.self_training.rounds == config.load(ExperimentConfig, "configs/gta5_cityscapes.yaml").self_training.rounds
