@@ -30,10 +30,10 @@ from pipeline.rounds import read_record
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _round_config(s3_round_inputs, benchmark_data, tmp_path, pseudo_label_size=(128, 64)):
+def _round_config(s3_round_inputs, benchmark_data, tmp_path, pseudo_label_size=(128, 64), **overrides):
     """One round over both nodes: two labelling actors and two training workers of 2 CPUs."""
     bucket, target = s3_round_inputs.bucket, s3_round_inputs.target
-    cfg = tiny_experiment(benchmark_data, f"s3://{bucket}/out", **{
+    cfg = tiny_experiment(benchmark_data, f"s3://{bucket}/out", **overrides, **{
         "data.target.root": target, "data.val.root": target, "model.init": s3_round_inputs.generator,
         "source_only.iterations": 0,  # round 1 starts from model.init
         "self_training.rounds": [{"alpha": 0.2, "lr": 1e-4, "pseudo_label_size": list(pseudo_label_size)}],
@@ -106,6 +106,19 @@ def test_a_round_spreads_over_two_nodes_and_labels_as_on_one(
     _assert_labels_as_on_one_node(cfg, s3_round_inputs.generator, tmp_path)
 
 
+def _checkpoints(cfg, stage: str):
+    """A function listing the Ray Train checkpoints of ``stage`` saved so far on S3."""
+    import boto3
+
+    bucket, _, prefix = storage.join(cfg.train_storage, stage).removeprefix("s3://").partition("/")
+    client = boto3.client("s3")
+
+    def saved() -> set[str]:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoint_").get("Contents", [])
+        return {o["Key"].removeprefix(f"{prefix}/").split("/")[0] for o in listed}
+    return saved
+
+
 def _wait_for(what: str, found, driver: subprocess.Popen, log, timeout: float = 300):
     """Poll ``found()`` until it returns something true; fail if the driver ends first."""
     deadline = time.monotonic() + timeout
@@ -123,11 +136,14 @@ def test_a_worker_node_killed_mid_labelling_and_mid_round_the_round_ends_as_undi
     ray_cluster, s3_server, s3_round_inputs, benchmark_data, tmp_path
 ):
     """node_b dies (SIGKILL of all its processes) while its labelling actor is up, and its
-    replacement dies while its training worker is up; each time a new node_b joins, as an
-    autoscaler or an operator brings one. The same command finishes the round (one re-run
-    allowed), with the labels of a one-node run, each image once."""
-    # Labelling at 1024x512 keeps the actors at work for a while after they start.
-    cfg, command = _round_config(s3_round_inputs, benchmark_data, tmp_path, pseudo_label_size=(1024, 512))
+    replacement dies once the round's training has saved its first checkpoint; each time a
+    new node_b joins, as an autoscaler or an operator brings one. The same command finishes
+    the round (one re-run allowed), with the labels of a one-node run, each image once."""
+    # Labelling at 1024x512 keeps the actors at work for a while after they start; 8
+    # training steps, a checkpoint every 2, leave the kill time before the round ends.
+    cfg, command = _round_config(s3_round_inputs, benchmark_data, tmp_path, pseudo_label_size=(1024, 512), **{
+        "self_training.iterations": 8, "self_training.checkpoint_every": 2})
+    checkpoints = _checkpoints(cfg, "round_1")
     # Ray's health checks find a dead node in ~3 s instead of ~30 s.
     env = {**s3_server.env, "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
            "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
@@ -154,7 +170,8 @@ def test_a_worker_node_killed_mid_labelling_and_mid_round_the_round_ends_as_undi
             assert not store.is_complete()  # mid-labelling
             second = replace_node_b(1)
             _wait_for("training worker on the new node_b", lambda: alive_on("RayTrainWorker", second), driver, log)
-            assert store.is_complete() and read_record(cfg, "round_1") is None  # mid-round
+            saved = _wait_for("checkpoint of round 1", checkpoints, driver, log)
+            assert store.is_complete() and len(saved) < 4 and read_record(cfg, "round_1") is None  # mid-round
             replace_node_b(2)
             returncode = driver.wait(timeout=600)
         finally:
@@ -167,9 +184,10 @@ def test_a_worker_node_killed_mid_labelling_and_mid_round_the_round_ends_as_undi
             output += rerun.stdout + rerun.stderr
             assert rerun.returncode == 0, output[-8000:]
         actors = _actors(cluster)
+    open("/tmp/h19_debug.txt", "w").write(f"rc {returncode}\n{output}\n{actors}")  # DEBUG
 
     # What restarted: the labelling actor of the dead node, the training worker group.
-    assert any(a["num_restarts"] > 0 for a in actors if "(_Predictor)" in a["class_name"]), output[-8000:]
+    assert any(int(a["num_restarts"]) > 0 for a in actors if "(_Predictor)" in a["class_name"]), output[-8000:]
     assert len([a for a in actors if a["class_name"] == "RayTrainWorker"]) >= 4, output[-8000:]
     record = read_record(cfg, "round_1")
     assert record is not None and storage.exists(record.checkpoint)
