@@ -23,7 +23,7 @@ endif
 .PHONY: install torch check-torch system-packages test test-slow demo benchmark-data ablation compare-methods bench mlflow-ui clean \
         prepare-gta5 prepare-synthia prepare-cityscapes reproduce-gta5 reproduce-synthia \
         reproduce-gta5-stvm reproduce-synthia-stvm benchmark-semi reproduce-semi prepare-nthu reproduce-nthu \
-        prepare-robotcar reproduce-robotcar rehearsal
+        prepare-robotcar reproduce-robotcar rehearsal reproduce-gta5-warmup
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo ">> installing into $(VENV)/ (torch CPU, Ray, MLflow, ...; ~2 min on a fresh machine)"
@@ -140,6 +140,14 @@ reproduce-synthia-stvm: $(STAMP) check-torch
 	@test -n "$(strip $(SOURCE_MODEL))" || (echo "give the source-only checkpoint: make $@ SOURCE_MODEL=/path/checkpoint.pt"; exit 2)
 	$(PY) jobs/run_experiment.py --config configs/synthia_cityscapes_stvm.yaml model.init=$(strip $(SOURCE_MODEL)) \
 		data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
+
+# IAST on another project's released GTA5 warm-up (IAST Table 3): WARMUP adaptsegnet
+# (GTA2Cityscapes_multi-ed35151c.pth) or advent (gta2cityscapes_advent.pth), INIT its file.
+WARMUP ?= adaptsegnet
+reproduce-gta5-warmup: $(STAMP) check-torch
+	@test -n "$(strip $(INIT))" || (echo "give the released model: make $@ WARMUP=$(strip $(WARMUP)) INIT=/path/model.pth"; exit 2)
+	$(PY) jobs/run_experiment.py --config configs/gta5_cityscapes.yaml --config configs/warmups/$(strip $(WARMUP)).yaml \
+		model.init=$(strip $(INIT)) data.target.root=$(CITYSCAPES) data.val.root=$(CITYSCAPES)
 
 # Semi-supervised Cityscapes (IAST Table 2): FRACTION (1/8, 1/4, 1/2, or a frame count) of
 # train labelled, the rest the unlabelled target. The split is written once by

@@ -43,7 +43,7 @@ class ModelConfig:
     arch: str = "deeplabv2_resnet101"
     imagenet_backbone: str | None = None  # torchvision resnet101-*.pth, for source-only from scratch
     init: str | None = None  # start the warm-up (or round 1) from this checkpoint instead
-    init_format: Literal["ours", "iast"] = "ours"
+    init_format: Literal["ours", "iast", "adaptsegnet", "advent"] = "ours"  # the layout of its file
     # Label round 1 with these weights instead of model.init (same format), when no warm-up
     # stage runs: the released warm-up ships two files, G (best on val) labels and M (last)
     # starts round 1.
@@ -438,7 +438,7 @@ class ExperimentConfig:
                              "at its output")
 
     def _check_weights(self, key: str) -> None:
-        from pipeline.models import build_model, load_checkpoint, load_iast_checkpoint, load_imagenet_backbone
+        from pipeline.models import build_model, load_checkpoint, load_imagenet_backbone, load_released_checkpoint
 
         uri = getattr(self.model, key)
         try:
@@ -447,10 +447,8 @@ class ExperimentConfig:
             model = build_model(self.model.arch, self.num_classes)
             if key == "imagenet_backbone":
                 load_imagenet_backbone(model, uri)
-            elif key == "generator_init" and self.model.init_format == "iast":
-                load_iast_checkpoint(model, uri)
-            elif self.model.init_format == "iast":
-                load_iast_checkpoint(model, uri)
+            elif self.model.init_format != "ours":
+                load_released_checkpoint(model, uri, self.model.init_format)
             else:
                 load_checkpoint(model, uri, label_space=self.label_space)
         except (ValueError, OSError, RuntimeError) as err:

@@ -339,6 +339,9 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
                 fn_constructor_args=(cfg,),
                 batch_size=4,
                 compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+                # a lost node's actor restarts elsewhere and its batches are retried there
+                # (Ray Data's defaults, kept explicit: test_multinode's node-loss test needs them)
+                max_restarts=-1, max_task_retries=-1,
                 **_ray_actor_args(cfg),
             )
         )

@@ -27,7 +27,7 @@ from pipeline.data.datasets import Sample, load_image, load_label
 from pipeline.data.transforms import normalize
 from pipeline.evaluation import ConfusionMatrix, predict_probs
 from pipeline.experiment import ConsistencyConfig, ExperimentConfig
-from pipeline.models import build_model, load_checkpoint, load_iast_checkpoint, save_checkpoint
+from pipeline.models import build_model, load_checkpoint, load_released_checkpoint, save_checkpoint
 from pipeline.tracking import ExperimentTracker, default_tracking_uri
 from pipeline.visualize import contact_sheet, fit_width, label_cells, save_png, side_by_side
 
@@ -142,9 +142,9 @@ def given_checkpoint(cfg: ExperimentConfig, key: str = "init") -> str | None:
     """``model.init`` (or ``model.generator_init``) as a checkpoint of ours, for the stages
     that start from it when source-only is skipped. Only source-only reads another format
     (``model.init_format``); the adversarial stage, the rounds and pseudo-labelling load
-    ours, so a released IAST checkpoint is converted once into the output folder (its
-    record, written after the file, marks the conversion complete; a different file
-    converts again)."""
+    ours, so a released checkpoint (IAST's, AdaptSegNet's, AdvEnt's) is converted once
+    into the output folder (its record, written after the file, marks the conversion
+    complete; a different file converts again)."""
     given = getattr(cfg.model, key)
     if given is None or cfg.model.init_format == "ours":
         return given
@@ -152,7 +152,7 @@ def given_checkpoint(cfg: ExperimentConfig, key: str = "init") -> str | None:
     record = read_record(cfg, stage)
     if record is None or record.lineage.get("given") != given:
         model = build_model(cfg.model.arch, cfg.num_classes)
-        load_iast_checkpoint(model, given)
+        load_released_checkpoint(model, given, cfg.model.init_format)
         converted = storage.join(cfg.output, "init", f"{stage}.pt") if key != "init" else cfg.init_checkpoint
         save_checkpoint(converted, model, label_space=cfg.label_space)
         record = _write_record(cfg, StageRecord(stage, converted, lineage={

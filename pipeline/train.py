@@ -45,8 +45,8 @@ from pipeline.methods import Method, StepContext, STvMConfig, method_class, uses
 from pipeline.models import (
     build_model,
     load_checkpoint,
-    load_iast_checkpoint,
     load_imagenet_backbone,
+    load_released_checkpoint,
     param_groups,
     save_checkpoint,
     set_batchnorm_mode,
@@ -67,8 +67,8 @@ class TrainConfig:
     arch: str = "deeplabv2_resnet101"
     num_classes: int = NUM_CLASSES
     label_space: str = "cityscapes19"  # pipeline.labels: its classes, metrics, checkpoints refused from others
-    init: str | None = None  # start from this checkpoint (ours or a released IAST one)
-    init_format: Literal["ours", "iast"] = "ours"
+    init: str | None = None  # start from this checkpoint (ours, or a released one: init_format)
+    init_format: Literal["ours", "iast", "adaptsegnet", "advent"] = "ours"
     imagenet_backbone: str | None = None  # torchvision ResNet weights, when init is None
     batchnorm: Literal["train", "frozen_affine", "frozen"] = "train"
     source: DataConfig | None = None  # labelled (source_only, adversarial)
@@ -210,8 +210,8 @@ def check_config(cfg: TrainConfig) -> None:
 
 def _build(cfg: TrainConfig):
     model = build_model(cfg.arch, cfg.num_classes)
-    if cfg.init and cfg.init_format == "iast":
-        load_iast_checkpoint(model, cfg.init)
+    if cfg.init and cfg.init_format != "ours":
+        load_released_checkpoint(model, cfg.init, cfg.init_format)
     elif cfg.init:
         load_checkpoint(model, cfg.init, label_space=cfg.label_space)
     elif cfg.imagenet_backbone:

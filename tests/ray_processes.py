@@ -30,6 +30,7 @@ import urllib.request
 from s3_server import _die_with_parent, _free_port
 
 MARKER = "IAST_TEST_RAY_CLUSTER"
+NODE_MARKER = "IAST_TEST_RAY_NODE"  # each node's own, inherited by its raylet, agents and workers
 
 
 def _marked_processes(marker: bytes) -> list[int]:
@@ -64,6 +65,7 @@ class RayNodes:
         self.env.update(env or {})
         self.env[MARKER] = self.root
         self.nodes: list[subprocess.Popen] = []
+        self.killed: set[int] = set()
         self.gcs_address = ""
         self.dashboard = ""
 
@@ -105,7 +107,8 @@ class RayNodes:
             node = subprocess.Popen(
                 [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block", "--disable-usage-stats",
                  f"--dashboard-agent-listen-port={_free_port()}", *args],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**self.env, NODE_MARKER: f"{self.root}/{name}"}, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
         self.nodes.append(node)
@@ -139,12 +142,33 @@ class RayNodes:
 
     def add_node(self, num_cpus: int, resources: dict | None = None, timeout: float = 120) -> None:
         """Another node on this machine, joining the head, with its own temp dir."""
-        count = len(self.nodes) + 1
+        count = len(self.nodes) - len(self.killed) + 1
         temp_dir = os.path.join(self.root, f"node{len(self.nodes)}")
         self._start(f"node{len(self.nodes)}", [
             f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
             f"--resources={json.dumps(resources or {})}", f"--temp-dir={temp_dir}",
         ], lambda: len(self.alive_nodes()) == count, timeout)
+
+    def kill_node(self, index: int, timeout: float = 120) -> None:
+        """SIGKILL node ``index`` (0 the head, then in ``add_node``'s order) with every
+        process it started, as when its machine dies; returns once Ray counts it dead."""
+        alive = len(self.alive_nodes())
+        name = "head" if index == 0 else f"node{index}"
+        marker = f"{NODE_MARKER}={self.root}/{name}".encode()
+        while left := _marked_processes(marker):
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        self.nodes[index].wait()
+        self.killed.add(index)
+        deadline = time.monotonic() + timeout
+        while len(self.alive_nodes()) != alive - 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} killed, but Ray still counts it alive after {timeout:.0f} s")
+            time.sleep(0.5)
 
     def stop(self, grace: float = 20.0) -> None:
         """Stop every process of this cluster (and none other), then remove its files."""

@@ -12,6 +12,7 @@ from pipeline.models.weights import (
     load_checkpoint,
     load_iast_checkpoint,
     load_imagenet_backbone,
+    load_released_checkpoint,
     save_checkpoint,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "load_checkpoint",
     "load_iast_checkpoint",
     "load_imagenet_backbone",
+    "load_released_checkpoint",
     "param_groups",
     "save_checkpoint",
     "set_batchnorm_mode",

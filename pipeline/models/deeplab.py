@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.models.resnet import ResNet, resnet101, resnet_small
 
 BATCHNORM_MODES = ("train", "frozen_affine", "frozen")
+# The input of the caffe-trained DeepLab-v2 (AdaptSegNet, AdvEnt): BGR in 0-255 minus this mean.
+CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 
 
 class DeepLabV2Classifier(nn.Module):
@@ -36,23 +39,38 @@ class DeepLabV2(nn.Module):
 
     ``batchnorm_mode`` (see ``set_batchnorm_mode``) is re-applied on every ``train()``
     / ``eval()`` call, including calls that reach the model through a wrapper (DDP).
+
+    ``caffe_input``: the network was trained on caffe's input (BGR, 0-255, minus
+    ``CAFFE_MEAN_BGR``); it takes the pipeline's ImageNet-normalised RGB like every other
+    model and converts it first, so that the data path stays the same for all.
     """
 
-    def __init__(self, backbone: ResNet, num_classes: int, dilations: Sequence[int]):
+    def __init__(self, backbone: ResNet, num_classes: int, dilations: Sequence[int], caffe_input: bool = False):
         super().__init__()
         self.backbone = backbone
         self.classifier = DeepLabV2Classifier(backbone.out_channels, num_classes, dilations)
         self.num_classes = num_classes
         self.batchnorm_mode = "train"
+        self.caffe_input = caffe_input
+        if caffe_input:  # rgb = x * std + mean in 0-1: caffe's BGR value = 255 * rgb - its mean
+            mean_rgb = torch.tensor(CAFFE_MEAN_BGR[::-1])
+            scale = 255 * torch.tensor(IMAGENET_STD)
+            shift = 255 * torch.tensor(IMAGENET_MEAN) - mean_rgb
+            # not persistent: fixed by the architecture, and checkpoints keep their keys
+            self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_features(x)[1]
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the backbone's features at the output stride, logits at the input size)."""
+        size = x.shape[-2:]
+        if self.caffe_input:
+            x = (x * self.input_scale + self.input_shift).flip(1)  # RGB -> BGR
         features = self.backbone(x)
         logits = self.classifier(features)
-        return features, F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+        return features, F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
     def train(self, mode: bool = True) -> DeepLabV2:
         super().train(mode)
@@ -73,8 +91,23 @@ def deeplabv2_small(num_classes: int) -> DeepLabV2:
     return DeepLabV2(resnet_small(), num_classes, dilations=(2, 3, 5, 6))
 
 
+def deeplabv2_resnet101_advent(num_classes: int) -> DeepLabV2:
+    """AdvEnt's DeepLab-v2 (advent/model/deeplabv2.py, its layer6): the caffe-style
+    ResNet-101 on caffe's input, the four branches summed."""
+    return DeepLabV2(resnet101(caffe=True), num_classes, (6, 12, 18, 24), caffe_input=True)
+
+
+def deeplabv2_resnet101_adaptsegnet(num_classes: int) -> DeepLabV2:
+    """AdaptSegNet's DeepLab-v2 (model/deeplab_multi.py, its layer6) as it computes: its
+    Classifier_Module returns inside the loop, after the first two branches (dilation 6
+    and 12), so the released weights were trained with those two only."""
+    return DeepLabV2(resnet101(caffe=True), num_classes, (6, 12), caffe_input=True)
+
+
 ARCHS = {
     "deeplabv2_resnet101": deeplabv2_resnet101,
+    "deeplabv2_resnet101_adaptsegnet": deeplabv2_resnet101_adaptsegnet,
+    "deeplabv2_resnet101_advent": deeplabv2_resnet101_advent,
     "deeplabv2_small": deeplabv2_small,
 }
 

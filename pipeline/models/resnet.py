@@ -5,6 +5,11 @@ torchvision's, so its ImageNet checkpoint ``resnet101-*.pth`` loads as it is (it
 dropped). Dilation follows torchvision's ``replace_stride_with_dilation``: a dilated
 stage drops its stride 2, its first block keeps the previous dilation and the others
 use the doubled one.
+
+``caffe=True`` builds the original DeepLab-v2 ResNet that AdaptSegNet and AdvEnt train
+(their model/deeplab_multi.py, advent/model/deeplabv2.py): a bottleneck's stride in its
+first 1x1 conv, every block of a dilated stage at that stage's dilation, and a max-pool
+that rounds up (ceil_mode). The parameter names and shapes are the same as torchvision's.
 """
 
 from __future__ import annotations
@@ -52,11 +57,12 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None, dilation: int = 1):
+                 downsample: nn.Module | None = None, dilation: int = 1, stride_in_1x1: bool = False):
         super().__init__()
-        self.conv1 = conv1x1(inplanes, planes)
+        stride1, stride3 = (stride, 1) if stride_in_1x1 else (1, stride)  # caffe: the 1x1 strides
+        self.conv1 = conv1x1(inplanes, planes, stride1)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride, dilation)
+        self.conv2 = conv3x3(planes, planes, stride3, dilation)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = conv1x1(planes, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -80,14 +86,15 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int],
                  widths: Sequence[int] = (64, 128, 256, 512),
-                 replace_stride_with_dilation: Sequence[bool] = (False, True, True)):
+                 replace_stride_with_dilation: Sequence[bool] = (False, True, True), caffe: bool = False):
         super().__init__()
         self.inplanes = widths[0]
         self.dilation = 1
+        self.caffe = caffe
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=caffe)
         self.layer1 = self._make_layer(block, widths[0], layers[0])
         self.layer2 = self._make_layer(block, widths[1], layers[1], 2, replace_stride_with_dilation[0])
         self.layer3 = self._make_layer(block, widths[2], layers[2], 2, replace_stride_with_dilation[1])
@@ -115,7 +122,9 @@ class ResNet(nn.Module):
                 conv1x1(self.inplanes, planes * block.expansion, stride),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
+        first_dilation = self.dilation if self.caffe else previous_dilation
+        caffe = {"stride_in_1x1": True} if self.caffe and block is Bottleneck else {}
+        layers = [block(self.inplanes, planes, stride, downsample, first_dilation, **caffe)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -125,9 +134,10 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def resnet101() -> ResNet:
-    """torchvision's ResNet-101, layer3/layer4 dilated 2/4 (output stride 8)."""
-    return ResNet(Bottleneck, (3, 4, 23, 3))
+def resnet101(caffe: bool = False) -> ResNet:
+    """torchvision's ResNet-101 (or DeepLab's caffe-style one), layer3/layer4 dilated 2/4
+    (output stride 8)."""
+    return ResNet(Bottleneck, (3, 4, 23, 3), caffe=caffe)
 
 
 def resnet_small() -> ResNet:

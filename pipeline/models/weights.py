@@ -1,6 +1,6 @@
 """Weights from files (a local path or s3://, read through pipeline.storage; nothing is
 ever downloaded): torchvision's ImageNet backbone, our own checkpoints, and the
-checkpoints released with IAST.
+checkpoints released with IAST, AdaptSegNet and AdvEnt (``load_released_checkpoint``).
 
 Every loader is strict: a missing, unexpected or wrongly shaped tensor raises a
 ValueError that names the first offending keys and shows what the file held. The one
@@ -21,6 +21,11 @@ from pipeline.labels import LABEL_SPACES, check_same_space
 from pipeline.models.deeplab import DeepLabV2
 
 _SHOW = 5  # offending keys listed per kind
+# model.init_format's released layouts; ours is read by load_checkpoint.
+RELEASED_FORMATS = ("iast", "adaptsegnet", "advent")
+# The sum of AdaptSegNet's Classifier_Module returns after its second branch; AdvEnt's sums all four.
+_SUMMED_BRANCHES = {"adaptsegnet": 2, "advent": 4}
+_RESNET_KEYS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 
 
 def save_checkpoint(uri: str, model: DeepLabV2, **extra: Any) -> None:
@@ -99,6 +104,60 @@ def load_iast_checkpoint(model: DeepLabV2, uri: str) -> None:
     _load_exact(model, map_iast_keys(state), uri)
 
 
+def map_multi_keys(state: Mapping[str, torch.Tensor], branches: int = 4) -> dict[str, torch.Tensor]:
+    """Rename an AdaptSegNet or AdvEnt DeepLab-v2 state dict to ours.
+
+    Both save ``model.state_dict()`` of their ``ResNetMulti`` (AdaptSegNet
+    model/deeplab_multi.py, AdvEnt advent/model/deeplabv2.py; a DataParallel "module."
+    prefix is removed), keyed
+      conv1, bn1, layer1..layer4.<block>.<torchvision's names>   the ResNet → backbone.*
+      layer6.conv2d_list.<i>.{weight,bias}   the classifier on layer4 (2048→K) → classifier.convs.<i>
+      layer5.conv2d_list.<i>.*   the auxiliary classifier on layer3 (1024→K), dropped:
+                                 both evaluate with layer6's output alone.
+    Only the first ``branches`` of layer6 are kept: AdaptSegNet's forward sums two, so its
+    other two were never trained. Keys of any other form pass unchanged, so that the
+    strict load names them.
+    """
+    out = {}
+    for key, value in _strip_prefix(state, "module.").items():
+        if key.startswith("layer5."):
+            continue
+        branch = re.fullmatch(r"layer6\.conv2d_list\.(\d+)\.(weight|bias)", key)
+        if branch:
+            if int(branch[1]) >= branches:
+                continue
+            key = f"classifier.convs.{branch[1]}.{branch[2]}"
+        elif key.startswith(_RESNET_KEYS):
+            key = "backbone." + key
+        out[key] = value
+    return out
+
+
+def load_released_checkpoint(model: DeepLabV2, uri: str, init_format: str) -> None:
+    """Load a checkpoint in a released layout (``model.init_format``): IAST's
+    (``map_iast_keys``) into ``deeplabv2_resnet101``, AdaptSegNet's or AdvEnt's
+    (``map_multi_keys``) into the network they trained, ``deeplabv2_resnet101_<format>``:
+    their weights in a torchvision-style ResNet would load but compute something else."""
+    if init_format == "iast":
+        return load_iast_checkpoint(model, uri)
+    if init_format not in _SUMMED_BRANCHES:
+        raise ValueError(f"unknown checkpoint format {init_format!r}: choose ours or one of {list(RELEASED_FORMATS)}")
+    branches = _SUMMED_BRANCHES[init_format]
+    if not (model.backbone.caffe and model.caffe_input and len(model.classifier.convs) == branches):
+        raise ValueError(
+            f"{uri}: an {init_format} checkpoint needs the network it was trained as (caffe-style ResNet, "
+            f"caffe's BGR input, {branches} classifier branches summed): set "
+            f"model.arch=deeplabv2_resnet101_{init_format}")
+    state = _strip_prefix(_tensors(_read(uri), uri, f"a released {init_format} state dict"), "module.")
+    hint = (f"read as {init_format}'s layout (conv1, bn1, layer1-4, layer5/layer6.conv2d_list.*): "
+            "if the file is of another project, set model.init_format to its layout")
+    # refused here, not by the strict load: a file named as ours (or IAST's backbone) would fit
+    foreign = [k for k in state if not k.startswith((*_RESNET_KEYS, "layer5.", "layer6."))]
+    if foreign:
+        raise ValueError(f"{uri}: {len(foreign)} keys of another layout, e.g. {foreign[:_SHOW]}\n  ({hint})")
+    _load_exact(model, map_multi_keys(state, branches), uri, hint=hint)
+
+
 def _read(uri: str) -> Any:
     storage.check_uri(uri)
     if not storage.exists(uri):
@@ -131,7 +190,7 @@ def _describe(obj: Any) -> str:
     return f"a dict of {len(obj)} entries, e.g. {{{', '.join(entries)}}}"
 
 
-def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], uri: str) -> None:
+def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], uri: str, hint: str = "") -> None:
     expected = module.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
@@ -151,6 +210,8 @@ def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], uri: st
             lines.append(f"  (the file has {state[k].shape[0]} classes, the model "
                          f"{expected[k].shape[0]}: build the model with the file's class count)")
         lines.append(f"  the file holds {_describe(state)}")
+        if hint:
+            lines.append(f"  ({hint})")
         raise ValueError("\n".join(lines))
     for k, v in expected.items():  # absent num_batches_tracked: keep the model's own
         state.setdefault(k, v)
