@@ -33,6 +33,14 @@ MARKER = "IAST_TEST_RAY_CLUSTER"
 NODE_MARKER = "IAST_TEST_RAY_NODE"  # each node's own, inherited by its raylet, agents and workers
 
 
+def _sigkill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended on its own meanwhile
+            pass
+
+
 def _marked_processes(marker: bytes) -> list[int]:
     """Live processes whose environment holds ``marker`` (a ``NAME=value`` entry)."""
     pids = []
@@ -156,11 +164,7 @@ class RayNodes:
         name = "head" if index == 0 else f"node{index}"
         marker = f"{NODE_MARKER}={self.root}/{name}".encode()
         while left := _marked_processes(marker):
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _sigkill(left)
             time.sleep(0.1)
         self.nodes[index].wait()
         self.killed.add(index)
@@ -183,11 +187,7 @@ class RayNodes:
         marker = f"{MARKER}={self.root}".encode()
         deadline = time.monotonic() + grace
         while (left := _marked_processes(marker)) and time.monotonic() < deadline:
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _sigkill(left)
             time.sleep(0.2)
         if left:
             raise RuntimeError(f"processes of the test Ray cluster {self.root} survived SIGKILL: {left}")

@@ -814,6 +814,16 @@ def with_look(dom: Domain, **look) -> Domain:
     return replace(dom, **look)
 
 
+def map_frames(fn, tasks: list, workers: int | None = None, chunksize: int = 16) -> list:
+    """``[fn(t) for t in tasks]`` over worker processes (default: the cores, at most 8); each
+    frame seeds its own generator, so the results do not depend on the number of workers."""
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers <= 1:
+        return [fn(t) for t in tasks]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(fn, tasks, chunksize=chunksize))
+
+
 def _make_one(task: tuple[str, int, int, str, Domain]) -> np.ndarray:
     """Render and write one frame; returns its pixel count per train id (255 = ignored)."""
     set_name, index, seed, out, dom = task
@@ -843,12 +853,7 @@ def generate(out: str, seed: int = 0, num_source: int = 400, num_target_train: i
     target = with_look(TARGET, **(target_look or {}))
     tasks = [(name, i, seed, out, SOURCE if name.startswith("source") else target)
              for name, n in counts.items() for i in range(n)]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_make_one, tasks, chunksize=16))
-    else:
-        results = [_make_one(t) for t in tasks]
+    results = map_frames(_make_one, tasks, workers, chunksize=16)
     totals = {name: np.zeros(256, dtype=np.int64) for name in counts}
     for (name, *_), hist in zip(tasks, results):
         totals[name] += hist

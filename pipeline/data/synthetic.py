@@ -18,15 +18,13 @@ not depend on the number of worker processes.
 from __future__ import annotations
 
 import io
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 import numpy as np
 from PIL import Image
 
 from pipeline import storage
-from pipeline.data.benchmark import SOURCE, TARGET, TRAIN_CITIES, VAL_CITIES, render
+from pipeline.data.benchmark import SOURCE, TARGET, TRAIN_CITIES, VAL_CITIES, map_frames, render
 from pipeline.labels import CITYSCAPES_ID_TO_TRAIN, colorize
 
 GTA5_SIZE = (1914, 1052)  # (width, height) of a GTA5 frame
@@ -78,11 +76,6 @@ def write(out: str, num_source: int, num_target_train: int, num_target_val: int,
         raise ValueError(f"every set needs at least one frame, got {counts}")
     tasks = [(name, i, seed, out, tuple(source_size if name == "gta5" else target_size))
              for name, n in counts.items() for i in range(n)]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            written = sum(pool.map(_write_frame, tasks, chunksize=2))
-    else:
-        written = sum(map(_write_frame, tasks))
+    written = sum(map_frames(_write_frame, tasks, workers, chunksize=2))
     return {"gta5": storage.join(out, "GTA5"), "cityscapes": storage.join(out, "cityscapes"),
             "frames": counts, "bytes": written}
