@@ -147,8 +147,9 @@ def main() -> int:
     parser.add_argument("--factors", action="store_true")
     parser.add_argument("--target-look", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--source-model", help="load (if it exists) or save the source model here")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     target = B.with_look(B.TARGET, **{k: json.loads(v) for k, v in (i.split("=", 1) for i in args.target_look)})
     B.TARGET = target

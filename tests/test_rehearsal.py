@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,10 @@ def test_the_rehearsal_runs_every_stage_and_reports_them(tmp_path):
     out = tmp_path / "rehearsal"
     cmd = [sys.executable, "jobs/rehearsal.py", "--out", str(out), "--scale", "0.0625", "--source", "2",
            "--target-train", "4", "--target-val", "1"]
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path)}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+    # Ray's socket paths must stay under 107 bytes: a short folder of its own, not tmp_path
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "peak memory (RSS) per process" in proc.stdout
 
