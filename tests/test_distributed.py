@@ -54,6 +54,9 @@ def _sync_bn_worker(rank: int, port: int, out: str) -> None:
         torch.save({"type": type(bn).__name__, "y": y.detach(), "grad_x": half.grad, "grad_w": bn.weight.grad,
                     "running_mean": bn.running_mean, "running_var": bn.running_var},
                    os.path.join(out, f"sync{rank}.pt"))
+        # Both ranks reach the teardown together: gloo aborts a rank ("terminate called
+        # without an active exception") that destroys the group while the other is still in it.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
