@@ -96,7 +96,6 @@ import os
 import re
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -516,16 +515,21 @@ class ReportToMlflow(ray.train.UserCallback):
     recovery too. The held metrics are also written to ``pending_file`` (a local file:
     Ray Train places its controller on the driver's node), so that what is still held
     when the stage ends is delivered by the driver's `deliver_pending`, or reported
-    there as lost with its count."""
+    there with its count. The file is named after the run, so the same command run again
+    (the stage fails if MLflow is still down when it ends) finds and sends what the
+    earlier invocation held, before its own reports."""
 
     def __init__(self, tracking_uri: str, run_id: str, pending_file: str | None = None):
         self.tracking_uri, self.run_id = tracking_uri, run_id
-        self.pending_file = pending_file or os.path.join(
-            tempfile.gettempdir(), f"mlflow-pending-{run_id}-{uuid.uuid4().hex[:8]}.jsonl")
+        self.pending_file = pending_file or os.path.join(tempfile.gettempdir(), f"mlflow-pending-{run_id}.jsonl")
         self._pending: list[Metric] = []
         self._failing = False
+        self._took_over = False  # the held metrics of an earlier invocation, read at the first report
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not self._took_over:
+            self._pending = self._read_pending() + self._pending
+            self._took_over = True
         report = metrics[0]
         timestamp, step = _now(), int(report.get("step", 0))
         items = [Metric(k, float(v), timestamp, step) for k, v in report.items() if k != "step" and _defined(v)]
@@ -534,11 +538,10 @@ class ReportToMlflow(ray.train.UserCallback):
 
     def deliver_pending(self) -> int:
         """On the driver, after the stage: send what the controller still held (read from
-        ``pending_file``). Returns the number of metrics still undelivered (0: all in
-        MLflow), which are then warned about and kept in the file."""
-        if not self._pending and os.path.exists(self.pending_file):
-            with open(self.pending_file) as f:
-                self._pending = [Metric(*json.loads(line)) for line in f]
+        ``pending_file``, which the controller keeps current). Returns the number of
+        metrics still undelivered (0: all in MLflow), which are then warned about and
+        kept in the file."""
+        self._pending = self._read_pending()
         if self._pending and not self._send():
             logger.warning(
                 "%d training metrics of MLflow run %s were not delivered to %s (unreachable); they are kept "
@@ -569,6 +572,12 @@ class ReportToMlflow(ray.train.UserCallback):
         self._failing = False
         self._write_pending()
         return True
+
+    def _read_pending(self) -> list[Metric]:
+        if not os.path.exists(self.pending_file):
+            return []
+        with open(self.pending_file) as f:
+            return [Metric(*json.loads(line)) for line in f]
 
     def _write_pending(self) -> None:
         if not self._pending:

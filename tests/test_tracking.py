@@ -211,6 +211,31 @@ def test_reports_to_an_unreachable_server_are_held_not_raised(tmp_path, caplog):
     assert pending in caplog.text and os.path.exists(pending)
 
 
+def test_metrics_held_when_a_stage_ended_are_delivered_once_by_the_same_command_run_again(store, tmp_path):
+    from s3_server import _free_port
+
+    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens: MLflow down until the stage ended
+    run = ExperimentTracker(store["uri"], "held-over").stage_run("round_1")
+    first = tracking.ReportToMlflow(down, run)
+    for step in (1, 2):
+        first.after_report(None, [{"step": step, "train/loss": 1.0 / step}], None)
+    assert pickle.loads(pickle.dumps(first)).deliver_pending() == 2  # the stage fails; the file stays
+
+    # The same command again, MLflow back: the stage's new callback finds the run's file.
+    again = tracking.ReportToMlflow(store["uri"], run)
+    assert again.pending_file == first.pending_file
+    again.after_report(None, [{"step": 3, "train/loss": 0.25}], None)
+    assert pickle.loads(pickle.dumps(again)).deliver_pending() == 0 and not os.path.exists(first.pending_file)
+    history = MlflowClient(store["uri"]).get_metric_history(run, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 0.25)]  # each once
+
+    # A run again with nothing left to train sends no report: the driver delivers the file.
+    held = tracking.ReportToMlflow(down, run)
+    held.after_report(None, [{"step": 4, "train/loss": 0.2}], None)
+    assert tracking.ReportToMlflow(store["uri"], run).deliver_pending() == 0
+    assert len(MlflowClient(store["uri"]).get_metric_history(run, "train/loss")) == 4
+
+
 def test_pseudo_label_statistics_lineage_and_previews(store, tmp_path):
     previews = []
     for i in range(2):
