@@ -10,6 +10,7 @@ from pipeline.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Compose,
+    FlipColourCrop,
     RandomBrightnessContrast,
     RandomHorizontalFlip,
     RandomSizedCrop,
@@ -99,6 +100,27 @@ def test_crop_keeps_image_and_label_aligned():
         inner[:3], inner[-3:], inner[:, :3], inner[:, -3:] = False, False, False, False
         assert inner.sum() > 1000
         assert np.array_equal(out_image[inner][:, 0], out_label[inner].astype(np.uint8) * 10)
+
+
+@pytest.mark.parametrize("colour", [True, False])
+def test_flip_colour_crop_equals_the_three_steps_on_the_whole_frame_bit_for_bit(colour):
+    rng = np.random.default_rng(7)
+    steps = [RandomHorizontalFlip(p=0.5), *([RandomBrightnessContrast(p=0.6)] if colour else []),
+             RandomSizedCrop((20, 61), output_size=(24, 48))]
+    whole_frame = Compose(steps)
+    crop_first = Compose([FlipColourCrop(steps[0], steps[-1], steps[1] if colour else None)])
+    flips = colour_changes = 0
+    for seed in range(40):
+        h, w = int(rng.integers(30, 70)), int(rng.integers(60, 130))
+        image, label = rng.integers(0, 256, (h, w, 3), dtype=np.uint8), rng.integers(0, 19, (h, w), dtype=np.uint8)
+        image.flags.writeable = False  # as a cached frame
+        a, b = whole_frame(image, label, np.random.default_rng(seed)), crop_first(image, label, np.random.default_rng(seed))
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), seed
+        flips += RandomHorizontalFlip(p=0.5).draw(np.random.default_rng(seed))
+        draws = np.random.default_rng(seed)
+        draws.random()
+        colour_changes += colour and draws.random() < 0.6
+    assert 10 < flips < 30 and (not colour or 10 < colour_changes < 35)  # both branches were taken
 
 
 def test_image_resize_is_bilinear_with_half_pixel_centres():

@@ -78,8 +78,11 @@ class RandomHorizontalFlip:
     def __init__(self, p: float = 0.5):
         self.p = p
 
+    def draw(self, rng: np.random.Generator) -> bool:
+        return bool(rng.random() < self.p)
+
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Sample:
-        if rng.random() < self.p:
+        if self.draw(rng):
             image, label = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
         return image, label
 
@@ -95,16 +98,20 @@ class RandomBrightnessContrast:
         self.contrast_limit = contrast_limit
         self.p = p
 
-    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Sample:
+    def draw(self, rng: np.random.Generator) -> np.ndarray | None:
+        """The uint8 lookup table of one draw, or None (no change)."""
         if rng.random() >= self.p:
-            return image, label
+            return None
         alpha = 1.0 + rng.uniform(-self.contrast_limit, self.contrast_limit)
         beta = rng.uniform(-self.brightness_limit, self.brightness_limit)
         lut = np.arange(256, dtype=np.float32)
         lut *= alpha
         lut += beta * 255
-        lut = np.clip(lut, 0, 255).astype(np.uint8)
-        return lut[image], label
+        return np.clip(lut, 0, 255).astype(np.uint8)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Sample:
+        lut = self.draw(rng)
+        return (image, label) if lut is None else (lut[image], label)
 
 
 class RandomSizedCrop:
@@ -128,8 +135,9 @@ class RandomSizedCrop:
         self.output_size = (int(output_size[0]), int(output_size[1]))
         self.aspect = self.output_size[1] / self.output_size[0]
 
-    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Sample:
-        height, width = label.shape
+    def draw(self, shape: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of one crop of an image of ``shape`` (height, width)."""
+        height, width = shape
         crop_height = int(rng.integers(self.height_range[0], self.height_range[1], endpoint=True))
         crop_height = min(crop_height, height, int(width / self.aspect))
         crop_width = int(crop_height * self.aspect)
@@ -137,14 +145,20 @@ class RandomSizedCrop:
             raise ValueError(f"image of size {height}x{width} is too small for a crop of aspect {self.aspect}")
         top = int((height - crop_height) * rng.random())
         left = int((width - crop_width) * rng.random())
-        image = image[top : top + crop_height, left : left + crop_width]
-        label = label[top : top + crop_height, left : left + crop_width]
+        return top, left, crop_height, crop_width
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Sample:
+        top, left, height, width = self.draw(label.shape, rng)
+        return self.resize(image[top:top + height, left:left + width], label[top:top + height, left:left + width])
+
+    def resize(self, image: np.ndarray, label: np.ndarray) -> Sample:
+        """A crop (image, label) at ``output_size``."""
         return self._resize_image(image), self._resize_label(label)
 
     def _resize_image(self, image: np.ndarray) -> np.ndarray:
         # a crop of a cached (read-only) frame is copied: torch warns on read-only arrays
         if not (image.flags.writeable and image.flags.c_contiguous):
-            image = np.array(image)
+            image = np.array(image, order="C")
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
         x = F.interpolate(x, size=self.output_size, mode="bilinear", align_corners=False)
         return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
@@ -154,6 +168,32 @@ class RandomSizedCrop:
         rows = np.arange(out_height) * height // out_height
         cols = np.arange(out_width) * width // out_width
         return label[rows[:, None], cols[None, :]]
+
+
+class FlipColourCrop:
+    """``RandomHorizontalFlip``, then ``RandomBrightnessContrast`` (if given), then
+    ``RandomSizedCrop``: the same random draws in the same order and the same output, bit
+    for bit, but the flip and the colour change are applied to the crop's pixels only.
+    Both are per-pixel (a mirror, a lookup table), so they commute with taking the crop;
+    on a full-size frame they cost more than the crop itself (docs/performance.md)."""
+
+    def __init__(self, flip: RandomHorizontalFlip, crop: RandomSizedCrop,
+                 colour: RandomBrightnessContrast | None = None):
+        self.flip, self.crop, self.colour = flip, crop, colour
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Sample:
+        flipped = self.flip.draw(rng)
+        lut = self.colour.draw(rng) if self.colour is not None else None
+        top, left, height, width = self.crop.draw(label.shape, rng)
+        if flipped:  # the crop at `left` of the mirrored frame is the mirror of this one
+            left = label.shape[1] - left - width
+        rows, cols = slice(top, top + height), slice(left, left + width)
+        image, label = image[rows, cols], label[rows, cols]
+        if flipped:
+            image, label = image[:, ::-1], label[:, ::-1]
+        if lut is not None:
+            image = lut[image]
+        return self.crop.resize(image, label)
 
 
 class Normalize:
@@ -293,9 +333,8 @@ def train_transform(crop_height_range: tuple[int, int], output_size: tuple[int, 
     before it (e.g. :class:`HardClassPaste`)."""
     return Compose([
         *first,
-        RandomHorizontalFlip(p=0.5),
-        RandomBrightnessContrast(p=0.3),
-        RandomSizedCrop(crop_height_range, output_size),
+        FlipColourCrop(RandomHorizontalFlip(p=0.5), RandomSizedCrop(crop_height_range, output_size),
+                       RandomBrightnessContrast(p=0.3)),
         ToTensors(),
     ])
 
@@ -306,8 +345,7 @@ def weak_strong_transform(crop_height_range: tuple[int, int], output_size: tuple
     operations (p 0.5 each), same geometry and labels. Returns (weak, strong, label)."""
     return Compose([
         *first,
-        RandomHorizontalFlip(p=0.5),
-        RandomSizedCrop(crop_height_range, output_size),
+        FlipColourCrop(RandomHorizontalFlip(p=0.5), RandomSizedCrop(crop_height_range, output_size)),
         WeakStrongViews(StrongColour(num_ops=3, p=0.5)),
     ])
 
