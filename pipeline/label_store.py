@@ -257,23 +257,25 @@ class LabelStore:
         """The label rows of a complete store in canonical order: all of them, or only
         ``rows`` (positions in that order; a training worker's shard), reading only the
         row groups that hold them (and every part's footer, to count its rows)."""
-        manifest = self.manifest()
-        tables, start = [], 0
+        tables = list(self.iter_labels(columns, rows))
+        if not tables:  # an empty shard: the schema, no rows
+            return LABEL_SCHEMA.empty_table().select(columns or LABEL_SCHEMA.names)
+        return pa.concat_tables(tables)
+
+    def iter_labels(self, columns: list[str] | None = None, rows: range | None = None) -> Iterator[pa.Table]:
+        """``read_labels`` one row group (16 rows) at a time, in the same order: a reader
+        that keeps less than the rows themselves (compressed labels) never holds them all."""
+        manifest, start = self.manifest(), 0
+        rows = range(0, 2 ** 62) if rows is None else rows  # None: every row
         for part in range(manifest["num_parts"]):
             with self._fs.open_input_file(self._path("labels", part_name(part))) as f:
-                if rows is None:
-                    tables.append(pq.read_table(f, columns=columns))
-                    continue
                 parquet = pq.ParquetFile(f)
                 for group in range(parquet.num_row_groups):
                     n = parquet.metadata.row_group(group).num_rows
                     lo, hi = max(rows.start, start), min(rows.stop, start + n)
                     if lo < hi:
-                        tables.append(parquet.read_row_group(group, columns=columns).slice(lo - start, hi - lo))
+                        yield parquet.read_row_group(group, columns=columns).slice(lo - start, hi - lo)
                     start += n
-        if not tables:  # an empty shard: the schema, no rows
-            return LABEL_SCHEMA.empty_table().select(columns or LABEL_SCHEMA.names)
-        return pa.concat_tables(tables)
 
 
 def decode_label(row: dict) -> np.ndarray:

@@ -100,6 +100,38 @@ def test_a_sharded_stream_draws_from_its_shard_and_batches_are_uint8(store, monk
     assert seen == set(range(50, 100))  # every row of the shard, no other
 
 
+def test_a_worker_holds_its_shards_labels_compressed_and_never_all_at_once(tmp_path):
+    """64 labels at the rounds' 1536x768 (75 MB raw): the worker keeps a few KB each, and
+    reading them holds one row group of 16 raw labels at a time, not the shard."""
+    import tracemalloc
+
+    height, width = 768, 1536
+    image = str(tmp_path / "frame.png")
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(image)
+    store, labels = LabelStore(str(tmp_path / "store")), []
+    for part in range(2):
+        rows = []
+        for i in range(32):
+            label = np.full((height, width), 255, np.uint8)
+            label[200:500, 100 + 10 * i:900] = (part * 32 + i) % 19  # a selected region
+            labels.append(label)
+            rows.append({"index": part * 32 + i, "name": f"{part}-{i}", "image": image, "height": height,
+                         "width": width, "label": label.tobytes(), "thresholds": [0.9] * 19,
+                         "class_pixels": [0] * 19, "class_kept": [0] * 19, "class_correct": None})
+        store.write_labels(part, rows, {"config_hash": "h"})
+    store.commit({"num_parts": 2, "num_images": 64, "config_hash": "h"})
+    raw = 64 * height * width
+
+    tracemalloc.start()
+    load, size = streams.pseudo_labelled(store.uri)
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert size == 64 and held < raw / 50, (held, raw)
+    assert peak < raw / 2, (peak, raw)  # about one row group's raw labels
+    for i in (0, 17, 63):
+        assert np.array_equal(load(i)[1], labels[i])
+
+
 class _HostViews:
     """The former final step of HIAST's views: both normalised on the host, int64 labels."""
 
