@@ -45,6 +45,9 @@ def _proc(pid: int, name: str) -> str:
         return f.read().decode(errors="replace")
 
 
+_RAY_SERVICES = ("gcs_server", "raylet", "dashboard.py", "log_monitor.py", "monitor.py", "agent.py")
+
+
 def _role(title: str, parent_role: str | None) -> str:
     """What a process of the run is, from its title (Ray workers name their task or actor)."""
     if parent_role in ("train worker", "train data loader"):
@@ -54,9 +57,16 @@ def _role(title: str, parent_role: str | None) -> str:
                       ("_predict_stages", "stages figure task"), ("TrainController", "train controller")):
         if key in title:
             return role
+    if title.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")):
+        return "ray service"
     if title.startswith("ray::"):
         return "other ray worker"
-    return "ray service" if any(k in title for k in ("raylet", "gcs_server", "dashboard", "log_monitor")) else "other"
+    # A worker that has not named itself yet runs default_worker.py (or setup_worker.py)
+    # with arguments such as --raylet-name: only the program, not its arguments, says service.
+    program = [part.rsplit("/", 1)[-1] for part in title.split()[:3] if not part.startswith("-")]
+    if any(p in ("default_worker.py", "setup_worker.py") for p in program):
+        return "other ray worker"
+    return "ray service" if any(p in _RAY_SERVICES for p in program) else "other"
 
 
 class MemoryMonitor:
@@ -110,7 +120,9 @@ class MemoryMonitor:
             known["peak_kb"] = max(known["peak_kb"], peak)
             parent_role = self.pids.get(parents.get(pid), {}).get("role")
             role = "driver" if pid == me else _role(titles.get(pid, ""), parent_role)
-            if known["role"] in (None, "other ray worker", "other"):  # an idle worker shows its task later
+            # An idle or starting worker shows its task later; a train worker's child seen
+            # before its parent was named is its data loader.
+            if known["role"] in (None, "other ray worker", "other") or role == "train data loader":
                 known["role"], known["title"] = role, titles.get(pid, "")[:120]
 
     def peaks(self) -> dict[str, dict]:

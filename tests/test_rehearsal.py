@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import rehearsal
 from pipeline.data import synthetic
 from pipeline.data.prepare import prepare
 
@@ -68,3 +69,24 @@ def test_the_rehearsal_runs_every_stage_and_reports_them(tmp_path):
     assert len(report["evaluation_one_image"]["seconds_by_part"]) == 6  # decode and five sizes
     assert {"driver", "train worker", "label actor"} <= set(report["memory"])
     assert all(m["peak_mib"] > 0 for m in report["memory"].values())
+
+
+@pytest.mark.parametrize("title, parent, role", [
+    # a worker before it names itself: its arguments name the raylet, it is no service
+    ("/x/.venv/bin/python /x/ray/_private/workers/default_worker.py --node-ip-address=127.0.0.1 "
+     "--raylet-name=/tmp/ray/session_1/sockets/raylet --webui=127.0.0.1:8265", None, "other ray worker"),
+    ("/x/.venv/bin/python -u /x/ray/_private/workers/setup_worker.py --worker-type=dashboard", None,
+     "other ray worker"),
+    ("ray::RayTrainWorker.run_train_fn", None, "train worker"),
+    ("ray::RayTrainWorker.run_train_fn", "train worker", "train data loader"),  # a forked DataLoader
+    ("ray::MapWorker(MapBatches(_Predictor))", None, "label actor"),
+    ("ray::IDLE", None, "other ray worker"),
+    ("ray::DashboardAgent", None, "ray service"),
+    ("/x/ray/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/ray/s/sockets/raylet", None, "ray service"),
+    ("/x/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp/ray/s/logs", None, "ray service"),
+    ("/x/.venv/bin/python /x/ray/dashboard/dashboard.py --host=127.0.0.1", None, "ray service"),
+    ("/x/.venv/bin/python -u /x/ray/_private/log_monitor.py --session-dir=/tmp/ray/s", None, "ray service"),
+    ("/usr/bin/chromium --headless", None, "other"),
+])
+def test_each_process_is_counted_under_what_it_is(title, parent, role):
+    assert rehearsal._role(title, parent) == role
