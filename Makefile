@@ -22,7 +22,7 @@ endif
 
 .PHONY: install torch check-torch system-packages test test-slow demo benchmark-data ablation compare-methods bench mlflow-ui clean \
         prepare-gta5 prepare-synthia prepare-cityscapes reproduce-gta5 reproduce-synthia \
-        reproduce-gta5-stvm reproduce-synthia-stvm benchmark-semi reproduce-semi prepare-nthu reproduce-nthu \
+        reproduce-gta5-stvm reproduce-synthia-stvm benchmark-semi reproduce-semi prepare-nthu reproduce-nthu reproduce-nthu-stvm \
         prepare-robotcar reproduce-robotcar rehearsal reproduce-gta5-warmup
 
 $(STAMP): pyproject.toml constraints.txt
@@ -184,6 +184,13 @@ reproduce-nthu: $(STAMP)
 	$(PY) jobs/run_experiment.py --config configs/cityscapes_nthu.yaml model.imagenet_backbone=$(strip $(IMAGENET)) \
 		name=cityscapes_nthu_$(city) output=outputs/cityscapes_nthu_$(city) \
 		data.source.root=$(CITYSCAPES) data.source.prepared=$(CITYSCAPES)/prepared_nthu13 \
+		data.target.root=$(NTHU) data.target.split=$(city)_train data.val.root=$(NTHU) data.val.split=$(city)_test
+
+# Source-free STvM on the same city, from a 13-class source-only model (reproduce-nthu's).
+reproduce-nthu-stvm: $(STAMP) check-torch
+	@test -n "$(strip $(SOURCE_MODEL))" || (echo "give the 13-class source-only checkpoint: make $@ CITY=Rome SOURCE_MODEL=/path/checkpoint.pt"; exit 2)
+	$(PY) jobs/run_experiment.py --config configs/cityscapes_nthu_stvm.yaml model.init=$(strip $(SOURCE_MODEL)) \
+		name=cityscapes_nthu_stvm_$(city) output=outputs/cityscapes_nthu_stvm_$(city) \
 		data.target.root=$(NTHU) data.target.split=$(city)_train data.val.root=$(NTHU) data.val.split=$(city)_test
 
 # Cityscapes -> Oxford RobotCar (HIAST's setting), in 9 classes.

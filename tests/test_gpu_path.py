@@ -224,7 +224,7 @@ def _memory_problems(cfg) -> list[str]:
 
 
 GPU_CONFIGS = ("gta5_cityscapes.yaml", "synthia_cityscapes.yaml", "gta5_cityscapes_stvm.yaml",
-               "synthia_cityscapes_stvm.yaml")
+               "synthia_cityscapes_stvm.yaml", "cityscapes_nthu_stvm.yaml")
 
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)

@@ -144,12 +144,17 @@ def test_an_experiment_adapts_with_rounds_or_stvm_not_both(benchmark_data, tmp_p
     with pytest.raises(ValueError, match="stvm.proxy_scale"):
         tiny_experiment(benchmark_data, tmp_path, **{"self_training.rounds": [],
                                                     "stvm": {"iterations": 2, "proxy_scale": 0}})
-    for path in ("configs/gta5_cityscapes_stvm.yaml", "configs/synthia_cityscapes_stvm.yaml"):
+    for path in ("configs/gta5_cityscapes_stvm.yaml", "configs/synthia_cityscapes_stvm.yaml",
+                 "configs/cityscapes_nthu_stvm.yaml"):
         cfg = config.load(ExperimentConfig, path, [f"output={tmp_path / 'o'}", "model.init=/w/source.pt"])
         train = cfg.stvm_train_config("/w/source.pt")
         assert cfg.source_free and cfg.data.source is None and train.stage == "stvm"
         assert train.init == "/w/source.pt" and train.source is None and train.label_store is None
         assert train.stvm.teacher_momentum == cfg.stvm.teacher_momentum and train.iterations == cfg.stvm.iterations
+    nthu = config.load(ExperimentConfig, "configs/cityscapes_nthu_stvm.yaml", [f"output={tmp_path / 'o'}"])
+    iast = config.load(ExperimentConfig, "configs/cityscapes_nthu.yaml", [f"output={tmp_path / 'i'}"])
+    assert nthu.label_space == iast.label_space == "nthu13" and nthu.data.target == iast.data.target
+    assert nthu.stvm.iterations == sum(iast.self_training.iterations for _ in iast.self_training.rounds)
 
 
 def test_round_resumes_from_a_complete_label_store_without_relabelling(ray_cluster, benchmark_data, tmp_path):
