@@ -56,7 +56,8 @@ def render_sets(counts: dict[str, int], seed: int, target: B.Domain) -> dict[str
 
 
 def train(model, data, steps, lr, crop_heights, crop_size=(192, 96), seed=0, pseudo=False,
-          backbone_lr_mult=1.0, ignored_weight=1.0, batch_size=8, anchor=None, anchor_weight=0.0):
+          backbone_lr_mult=1.0, ignored_weight=1.0, batch_size=8, anchor=None, anchor_weight=0.0,
+          confident_weight=0.1):
     """``anchor``: labelled source frames whose cross-entropy (times ``anchor_weight``) is
     added each step (a diagnostic: does the round forget what the source taught?)."""
     transform = train_transform(tuple(crop_heights), (crop_size[1], crop_size[0]))
@@ -73,7 +74,7 @@ def train(model, data, steps, lr, crop_heights, crop_size=(192, 96), seed=0, pse
                  for j, i in enumerate(rng.integers(len(data), size=batch_size))]
         x, y = model_input(torch.stack([p[0] for p in pairs])), model_input(torch.stack([p[1] for p in pairs]))
         logits = model(x)
-        loss = region_guided_loss(logits, y, IGNORE_INDEX, 0.1, ignored_weight).total if pseudo else cross_entropy(logits, y)
+        loss = region_guided_loss(logits, y, IGNORE_INDEX, confident_weight, ignored_weight).total if pseudo else cross_entropy(logits, y)
         if anchor is not None and anchor_weight > 0:
             pairs = [source_transform(*anchor[i], np.random.default_rng([seed, step, j, 1]))
                      for j, i in enumerate(rng.integers(len(anchor), size=batch_size))]
@@ -151,6 +152,7 @@ def main() -> int:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--gamma", type=float, default=8.0)
     parser.add_argument("--ignored-weight", type=float, default=1.0)
+    parser.add_argument("--confident-weight", type=float, default=0.1)
     parser.add_argument("--diagnostic", choices=("correct_only",))
     parser.add_argument("--source-anchor", type=float, default=0.0,
                         help="diagnostic: add this weight times the source cross-entropy to each round step")
@@ -194,7 +196,7 @@ def main() -> int:
         pairs, precision, coverage = pseudo_labels(model, data["target_train"], args.alpha, args.gamma, args.diagnostic)
         train(model, pairs, args.round_steps, args.round_lr, (64, 128), seed=args.seed + r, pseudo=True,
               backbone_lr_mult=args.round_backbone_lr_mult, ignored_weight=args.ignored_weight,
-              anchor=data["source"], anchor_weight=args.source_anchor)
+              anchor=data["source"], anchor_weight=args.source_anchor, confident_weight=args.confident_weight)
         name = f"round {r} (labels: precision {100 * precision:.1f}, coverage {100 * coverage:.1f})"
         print(f"{name:42s} {line(evaluate(model, data['target_val']))}", flush=True)
     return 0
