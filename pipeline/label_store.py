@@ -230,28 +230,38 @@ class LabelStore:
         """Each image's sparse confidence histogram (cells, counts), in canonical order:
         the histogram columns of the prediction parts, without their maps."""
         for part in range(num_parts):
-            with self._fs.open_input_file(self._path("predictions", part_name(part))) as f:
-                table = pq.read_table(f, columns=HISTOGRAM_COLUMNS)
-            for row in table.to_pylist():
-                yield np.frombuffer(row["histogram_cells"], "<i4"), np.frombuffer(row["histogram_counts"], "<i4")
+            yield from self.part_histograms(part)
+
+    def part_histograms(self, part: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``iter_histograms`` of one prediction part."""
+        with self._fs.open_input_file(self._path("predictions", part_name(part))) as f:
+            table = pq.read_table(f, columns=HISTOGRAM_COLUMNS)
+        return [(np.frombuffer(row["histogram_cells"], "<i4"), np.frombuffer(row["histogram_counts"], "<i4"))
+                for row in table.to_pylist()]
 
     def iter_predictions(self, num_parts: int) -> Iterator[PredictionRecord]:
         """Prediction records in canonical order, one part in memory at a time."""
         for part in range(num_parts):
-            with self._fs.open_input_file(self._path("predictions", part_name(part))) as f:
-                table = pq.read_table(f)
-            for row in table.to_pylist():
-                shape = (row["height"], row["width"])
-                gt = row["ground_truth"]
-                yield PredictionRecord(
-                    index=row["index"],
-                    name=row["name"],
-                    image=row["image"],
-                    prediction=np.frombuffer(row["prediction"], np.uint8).reshape(shape),
-                    confidence=np.frombuffer(row["confidence"], "<f2").reshape(shape),
-                    class_pixels=np.asarray(row["class_pixels"], np.int64),
-                    ground_truth=None if gt is None else np.frombuffer(gt, np.uint8).reshape(shape),
-                )
+            yield from self.part_predictions(part)
+
+    def part_predictions(self, part: int) -> list[PredictionRecord]:
+        """The prediction records of one part, in canonical order."""
+        with self._fs.open_input_file(self._path("predictions", part_name(part))) as f:
+            table = pq.read_table(f)
+        records = []
+        for row in table.to_pylist():
+            shape = (row["height"], row["width"])
+            gt = row["ground_truth"]
+            records.append(PredictionRecord(
+                index=row["index"],
+                name=row["name"],
+                image=row["image"],
+                prediction=np.frombuffer(row["prediction"], np.uint8).reshape(shape),
+                confidence=np.frombuffer(row["confidence"], "<f2").reshape(shape),
+                class_pixels=np.asarray(row["class_pixels"], np.int64),
+                ground_truth=None if gt is None else np.frombuffer(gt, np.uint8).reshape(shape),
+            ))
+        return records
 
     def read_labels(self, columns: list[str] | None = None, rows: range | None = None) -> pa.Table:
         """The label rows of a complete store in canonical order: all of them, or only

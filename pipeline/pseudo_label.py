@@ -24,11 +24,9 @@ The store format is documented in :mod:`pipeline.label_store`.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -388,105 +386,113 @@ def predict(cfg: PseudoLabelConfig, samples: list[Sample], store: LabelStore, se
 # -- stage 2: selection ------------------------------------------------------------------
 
 
-def _thresholds(sel: SelectorConfig, store: LabelStore, num_parts: int, num_classes: int) -> Iterator[np.ndarray]:
-    """Per instance, in labelling order, the per-class thresholds its images are selected
-    with: from the histograms the actors made, read without the maps (IAS's recursion over
-    them is all that runs in order on the driver)."""
+def _thresholds(sel: SelectorConfig, histograms: list[tuple], num_classes: int) -> np.ndarray:
+    """(images, classes): the per-class thresholds each image is selected with, in labelling
+    order, from the histograms the actors made (IAS's recursion over them is all that runs
+    in order, on the driver)."""
+    thetas = np.empty((len(histograms), num_classes), np.float64)
     if sel.name == "constant":
-        return itertools.repeat(np.full(num_classes, sel.threshold, np.float32))
-    histograms = store.iter_histograms(num_parts)
-    if sel.name == "cbst":
+        thetas[:] = np.float32(sel.threshold)
+    elif sel.name == "cbst":
         # CBST's thresholds need the whole target set first; they are applied to the stored
         # top-1 prediction (conf >= theta[argmax]), since the store keeps no full softmax.
-        return itertools.repeat(selectors.cbst_thresholds(selectors.dense_histogram(histograms, num_classes),
-                                                          sel.portion))
-    ias = selectors.IAS(sel.alpha, sel.beta, sel.gamma, num_classes)
-    return (ias.update_from_histogram(selectors.dense_histogram(instance, num_classes))
-            for instance in _instances(histograms, sel.instance_size))
+        thetas[:] = selectors.cbst_thresholds(selectors.dense_histogram(iter(histograms), num_classes), sel.portion)
+    else:
+        ias = selectors.IAS(sel.alpha, sel.beta, sel.gamma, num_classes)
+        for start in range(0, len(histograms), sel.instance_size):
+            instance = histograms[start:start + sel.instance_size]
+            thetas[start:start + sel.instance_size] = ias.update_from_histogram(
+                selectors.dense_histogram(iter(instance), num_classes))
+    return thetas
 
 
-def _instances(records, size: int):
-    group = []
-    for record in records:
-        group.append(record)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
+def _label_part(store_uri: str, part: int, thetas: np.ndarray, label_values: str, num_classes: int,
+                num_previews: int, metadata: dict) -> dict:
+    """One prediction part's labels, selected with each image's thresholds and written as
+    its labels part (a Ray task: parts are labelled side by side). Returns the part's
+    totals, each image's kept-confidence sums (the driver's in-order difficulty EMA), its
+    names and up to ``num_previews`` (record, label) pairs."""
+    store, k = LabelStore(store_uri), num_classes
+    records = store.part_predictions(part)
+    totals = {key: np.zeros(k, np.int64) for key in ("class_pixels", "class_kept", "class_correct", "class_judged")}
+    rows, kept_sums, previews = [], [], []
+    for r, theta in zip(records, thetas, strict=True):
+        label = selectors.select(r.confidence, r.prediction, theta)
+        if label_values != "prediction":
+            if r.ground_truth is None:
+                raise ValueError(f"selector.label_values={label_values}: no ground truth was read for {r.image}")
+            keep = label != IGNORE_INDEX
+            if label_values == "ground_truth":
+                label = np.where(keep, r.ground_truth, IGNORE_INDEX).astype(np.uint8)
+            else:
+                label = np.where(keep & (label == r.ground_truth), label, IGNORE_INDEX).astype(np.uint8)
+        kept = np.bincount(label[label != IGNORE_INDEX], minlength=k)[:k]
+        kept_sums.append(selectors.ClassConfidence.kept_sums(r.confidence, label, k))
+        correct = None
+        if r.ground_truth is not None:  # precision over kept pixels that have ground truth
+            judged = (label != IGNORE_INDEX) & (r.ground_truth != IGNORE_INDEX)
+            correct = np.bincount(label[judged & (label == r.ground_truth)], minlength=k)[:k]
+            totals["class_correct"] += correct
+            totals["class_judged"] += np.bincount(label[judged], minlength=k)[:k]
+        totals["class_pixels"] += r.class_pixels
+        totals["class_kept"] += kept
+        rows.append({
+            "index": r.index, "name": r.name, "image": r.image,
+            "height": label.shape[0], "width": label.shape[1],
+            "label": label.tobytes(),
+            "thresholds": theta.astype(np.float32).tolist(),
+            "class_pixels": r.class_pixels.tolist(),
+            "class_kept": kept.tolist(),
+            "class_correct": None if correct is None else correct.tolist(),
+        })
+        if len(previews) < num_previews:
+            previews.append((r, label))
+    start = time.perf_counter()
+    # A part whose images were all skipped as unreadable still gets its (empty) labels
+    # part: readers open every part the manifest counts.
+    store.write_labels(part, rows, metadata)
+    return {"totals": totals, "kept_sums": kept_sums, "names": [r.name for r in records], "previews": previews,
+            "write_s": time.perf_counter() - start}
 
 
 def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images: int, metadata: dict) -> dict:
-    """Stage 2: selector over the predictions in labelling order; writes the label parts.
-    The result's ``seconds``: in all (reading the predictions too) and writing the parts."""
-    wall, written = time.perf_counter(), 0.0
-
-    def write(part: int, rows: list[dict]) -> None:
-        nonlocal written
-        start = time.perf_counter()
-        store.write_labels(part, rows, metadata)
-        written += time.perf_counter() - start
-
-    k = cfg.num_classes
-    thresholds = _thresholds(cfg.selector, store, num_parts, k)
-    instance_size = cfg.selector.instance_size if cfg.selector.name == "ias" else 1
-    totals = {key: np.zeros(k, np.int64) for key in ("class_pixels", "class_kept", "class_correct", "class_judged")}
-    previews, names = [], []
-    rows: list[dict] = []
-    part = 0
-    theta = np.full(k, np.nan, np.float32)
-    difficulty = selectors.ClassConfidence(k)
-    records = store.iter_predictions(num_parts)
+    """Stage 2: the selector's thresholds for every image, in labelling order, on the
+    driver (from the actors' histograms, without the maps); then each part's labels, in
+    Ray tasks side by side (``_label_part``). The result's ``seconds``: in all and the
+    parts' writing (summed over the tasks)."""
+    wall, k = time.perf_counter(), cfg.num_classes
+    histograms = [store.part_histograms(part) for part in range(num_parts)]
+    sizes = [len(h) for h in histograms]
+    thetas = _thresholds(cfg.selector, [h for part in histograms for h in part], k)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    label_part = ray.remote(num_cpus=1, max_retries=3)(_label_part)  # a part is written whole or not at all
+    pending = {
+        label_part.remote(store.uri, part, thetas[starts[part]:starts[part + 1]], cfg.selector.label_values, k,
+                          max(0, cfg.num_previews - int(starts[part])), metadata): part
+        for part in range(num_parts)
+    }
+    done: dict[int, dict] = {}
     with tqdm(total=num_images, desc="pseudo-label: select", unit="img") as bar:
-        for instance in _instances(records, instance_size):
-            theta = np.asarray(next(thresholds), np.float64)
-            for r in instance:
-                # A part whose images were all skipped as unreadable still gets its (empty)
-                # labels part: readers open every part the manifest counts.
-                while part < r.index // cfg.part_size:
-                    write(part, rows)
-                    rows, part = [], part + 1
-                label = selectors.select(r.confidence, r.prediction, theta)
-                if cfg.selector.label_values != "prediction":
-                    if r.ground_truth is None:
-                        raise ValueError(f"selector.label_values={cfg.selector.label_values}: no ground truth was "
-                                         f"read for {r.image}")
-                    keep = label != IGNORE_INDEX
-                    if cfg.selector.label_values == "ground_truth":
-                        label = np.where(keep, r.ground_truth, IGNORE_INDEX).astype(np.uint8)
-                    else:
-                        label = np.where(keep & (label == r.ground_truth), label, IGNORE_INDEX).astype(np.uint8)
-                kept = np.bincount(label[label != IGNORE_INDEX], minlength=k)[:k]
-                difficulty.update(r.confidence, label)
-                correct = None
-                if r.ground_truth is not None:  # precision over kept pixels that have ground truth
-                    judged = (label != IGNORE_INDEX) & (r.ground_truth != IGNORE_INDEX)
-                    correct = np.bincount(label[judged & (label == r.ground_truth)], minlength=k)[:k]
-                    totals["class_correct"] += correct
-                    totals["class_judged"] += np.bincount(label[judged], minlength=k)[:k]
-                totals["class_pixels"] += r.class_pixels
-                totals["class_kept"] += kept
-                rows.append(
-                    {
-                        "index": r.index, "name": r.name, "image": r.image,
-                        "height": label.shape[0], "width": label.shape[1],
-                        "label": label.tobytes(),
-                        "thresholds": theta.astype(np.float32).tolist(),
-                        "class_pixels": r.class_pixels.tolist(),
-                        "class_kept": kept.tolist(),
-                        "class_correct": None if correct is None else correct.tolist(),
-                    }
-                )
-                names.append(r.name)
-                if len(previews) < cfg.num_previews:
-                    previews.append((r, label))
-                bar.update(1)
-        while part < num_parts:  # the last part, and any skipped ones after the last record
-            write(part, rows)
-            rows, part = [], part + 1
-    return {"totals": totals, "final_thresholds": theta, "confidence": difficulty.value,
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            part = pending.pop(ready[0])
+            done[part] = ray.get(ready[0])
+            bar.update(sizes[part])
+    totals = {key: np.zeros(k, np.int64) for key in ("class_pixels", "class_kept", "class_correct", "class_judged")}
+    difficulty = selectors.ClassConfidence(k)
+    previews, names = [], []
+    for part in range(num_parts):  # in labelling order, as the difficulty EMA needs
+        result = done[part]
+        for key in totals:
+            totals[key] += result["totals"][key]
+        for counts, sums in result["kept_sums"]:
+            difficulty.update_from_sums(counts, sums)
+        names += result["names"]
+        previews += result["previews"][:cfg.num_previews - len(previews)]
+    final = thetas[-1] if len(thetas) else np.full(k, np.nan)
+    return {"totals": totals, "final_thresholds": final, "confidence": difficulty.value,
             "previews": previews, "names": names,
-            "seconds": {"wall_s": time.perf_counter() - wall, "write_s": written}}
+            "seconds": {"wall_s": time.perf_counter() - wall, "write_s": sum(r["write_s"] for r in done.values())}}
 
 
 def selection_statistics(totals: dict, final_thresholds: np.ndarray, confidence: np.ndarray) -> dict:

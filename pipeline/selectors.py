@@ -436,11 +436,20 @@ class ClassConfidence:
 
     def update(self, conf, label) -> np.ndarray:
         """One image: ``conf`` its per-pixel confidence, ``label`` its selected pseudo-label."""
+        return self.update_from_sums(*self.kept_sums(conf, label, len(self.value)))
+
+    @staticmethod
+    def kept_sums(conf, label, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """One image's kept pixels per class and the sum of their confidence: what
+        ``update_from_sums`` needs (computed where the image is, applied in order)."""
         conf, label = np.asarray(conf, np.float64).ravel(), np.asarray(label).ravel()
         kept = label != IGNORE_INDEX
+        counts = np.bincount(label[kept], minlength=num_classes)[:num_classes]
+        return counts, np.bincount(label[kept], weights=conf[kept], minlength=num_classes)[:num_classes]
+
+    def update_from_sums(self, counts: np.ndarray, sums: np.ndarray) -> np.ndarray:
+        """``update`` from one image's ``kept_sums``."""
         k = len(self.value)
-        counts = np.bincount(label[kept], minlength=k)[:k]
-        sums = np.bincount(label[kept], weights=conf[kept], minlength=k)[:k]
         seen = counts > 0
         mean = np.divide(sums, counts, out=np.zeros(k), where=seen)
         first = seen & np.isnan(self.value)

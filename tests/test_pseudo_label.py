@@ -179,6 +179,24 @@ def test_store_contents_and_statistics(ray_cluster, benchmark_data, small_checkp
     assert preview.width > 3 * 128  # image | pseudo-label | ground truth
 
 
+def test_the_labels_are_selected_in_ray_tasks_part_by_part_not_on_the_driver(
+    ray_cluster, benchmark_data, small_checkpoint, tmp_path, monkeypatch
+):
+    """Only the thresholds' recursion runs on the driver: applying them (a pass over every
+    prediction map) runs in Ray tasks, one per part, whose processes this patch misses."""
+    target = benchmark_data["target"]
+    reference = run(_cfg(tmp_path / "a", target, small_checkpoint, selector=SelectorConfig("cbst")))
+
+    def on_the_driver(*args, **kwargs):
+        raise AssertionError("a label map was selected on the driver")
+
+    monkeypatch.setattr(selectors, "select", on_the_driver)
+    manifest = run(_cfg(tmp_path / "b", target, small_checkpoint, selector=SelectorConfig("cbst")))
+    assert manifest["num_parts"] == 4 and manifest["statistics"] == reference["statistics"]
+    assert _store_rows(str(tmp_path / "a"))[0] == _store_rows(str(tmp_path / "b"))[0]
+    assert 0 < manifest["statistics"]["coverage_all"] < 1
+
+
 def test_rerun_of_a_complete_store_does_nothing_and_other_settings_are_refused(
     ray_cluster, benchmark_data, small_checkpoint, tmp_path
 ):
