@@ -92,6 +92,7 @@ bench: $(STAMP) benchmark-data
 	$(PY) benchmarks/bench_selectors.py
 	$(PY) benchmarks/bench_pseudo_label.py --data $(DATA)
 	$(PY) benchmarks/bench_data_wait.py --data $(DATA)
+	$(PY) benchmarks/bench_augmentation.py
 
 # The GTA5 -> Cityscapes config end to end on synthetic data at the real image sizes, on
 # this machine's CPUs (small model, 4 steps a stage; ~30 min on 2 cores), with a report per
