@@ -226,14 +226,9 @@ class LabelStore:
                 done.add(part)
         return done
 
-    def iter_histograms(self, num_parts: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Each image's sparse confidence histogram (cells, counts), in canonical order:
-        the histogram columns of the prediction parts, without their maps."""
-        for part in range(num_parts):
-            yield from self.part_histograms(part)
-
     def part_histograms(self, part: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``iter_histograms`` of one prediction part."""
+        """Each image's sparse confidence histogram (cells, counts) in one prediction part,
+        in canonical order: its histogram columns, without the maps."""
         with self._fs.open_input_file(self._path("predictions", part_name(part))) as f:
             table = pq.read_table(f, columns=HISTOGRAM_COLUMNS)
         return [(np.frombuffer(row["histogram_cells"], "<i4"), np.frombuffer(row["histogram_counts"], "<i4"))

@@ -396,13 +396,13 @@ def _thresholds(sel: SelectorConfig, histograms: list[tuple], num_classes: int) 
     elif sel.name == "cbst":
         # CBST's thresholds need the whole target set first; they are applied to the stored
         # top-1 prediction (conf >= theta[argmax]), since the store keeps no full softmax.
-        thetas[:] = selectors.cbst_thresholds(selectors.dense_histogram(iter(histograms), num_classes), sel.portion)
+        thetas[:] = selectors.cbst_thresholds(selectors.dense_histogram(histograms, num_classes), sel.portion)
     else:
         ias = selectors.IAS(sel.alpha, sel.beta, sel.gamma, num_classes)
         for start in range(0, len(histograms), sel.instance_size):
             instance = histograms[start:start + sel.instance_size]
             thetas[start:start + sel.instance_size] = ias.update_from_histogram(
-                selectors.dense_histogram(iter(instance), num_classes))
+                selectors.dense_histogram(instance, num_classes))
     return thetas
 
 
@@ -488,7 +488,7 @@ def select(cfg: PseudoLabelConfig, store: LabelStore, num_parts: int, num_images
         for counts, sums in result["kept_sums"]:
             difficulty.update_from_sums(counts, sums)
         names += result["names"]
-        previews += result["previews"][:cfg.num_previews - len(previews)]
+        previews += result["previews"]  # each part sent only what the earlier ones left to fill
     final = thetas[-1] if len(thetas) else np.full(k, np.nan)
     return {"totals": totals, "final_thresholds": final, "confidence": difficulty.value,
             "previews": previews, "names": names,
