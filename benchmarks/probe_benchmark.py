@@ -39,6 +39,7 @@ from pipeline.losses import cross_entropy, region_guided_loss  # noqa: E402
 from pipeline.models import build_model, param_groups  # noqa: E402
 from pipeline.selectors import IAS, select  # noqa: E402
 
+LABEL_CLASSES = False  # --label-classes
 SETS = ("source", "target_train", "target_val", "source_val")  # as pipeline.data.benchmark's
 
 
@@ -103,6 +104,15 @@ def evaluate(model, data) -> ConfusionMatrix:
     return cm
 
 
+def destinations(cm: ConfusionMatrix) -> str:
+    """Each class's val pixels: the share predicted as the most frequent other class."""
+    m = np.asarray(cm.matrix, np.float64)
+    rows = m / np.maximum(m.sum(1, keepdims=True), 1)
+    np.fill_diagonal(rows, 0)
+    return "  val, each class's most frequent wrong prediction: " + ", ".join(
+        f"{CLASS_NAMES[c]} as {CLASS_NAMES[rows[c].argmax()]} {100 * rows[c].max():.0f}%" for c in range(19))
+
+
 def line(cm: ConfusionMatrix) -> str:
     iou = cm.iou()
     return f"{100 * np.nanmean(iou):5.1f} | " + " ".join(f"{CLASS_NAMES[c][:5]} {100 * iou[c]:.0f}" for c in range(19))
@@ -112,14 +122,30 @@ def pseudo_labels(model, data, alpha, gamma, diagnostic):
     """IAS over the images in order; returns (image, label) pairs, precision and coverage."""
     conf, argmax = predict(model, data).max(1)
     ias, pairs, right, kept = IAS(alpha, gamma=gamma), [], 0, 0
+    per_class = np.zeros((3, 19))  # true pixels, kept pixels predicted c, of them right
+    wrong = np.zeros((19, 19))  # kept pixels by (label, true class)
     for i, (image, truth) in enumerate(data):
         c, a = conf[i].numpy().astype(np.float16), argmax[i].numpy().astype(np.uint8)
         label = select(c, a, ias.update(c, a))
         known = (label != IGNORE_INDEX) & (truth != IGNORE_INDEX)
         right, kept = right + int((label[known] == truth[known]).sum()), kept + int(known.sum())
+        per_class[0] += np.bincount(truth[truth != IGNORE_INDEX], minlength=19)
+        per_class[1] += np.bincount(label[known], minlength=19)
+        per_class[2] += np.bincount(label[known][label[known] == truth[known]], minlength=19)
+        wrong += np.bincount(19 * label[known].astype(int) + truth[known], minlength=361).reshape(19, 19)
         if diagnostic == "correct_only":  # not a method: the wrong labels dropped
             label = np.where(label == truth, label, IGNORE_INDEX).astype(np.uint8)
         pairs.append((image, label))
+    if LABEL_CLASSES:
+        truth_share, kept_share = per_class[0] / per_class[0].sum(), per_class[1] / per_class[1].sum()
+        print("  labels by class: kept share / true share, precision: " + " ".join(
+            f"{CLASS_NAMES[c][:5]} {kept_share[c] / max(truth_share[c], 1e-9):.2f},{100 * per_class[2, c] / max(per_class[1, c], 1):.0f}"
+            for c in range(19)), flush=True)
+        np.fill_diagonal(wrong, 0)
+        top = np.argsort(wrong, axis=None)[::-1][:8]
+        print("  wrong labels, share of all wrong: " + ", ".join(
+            f"{CLASS_NAMES[t]} as {CLASS_NAMES[l]} {100 * wrong.flat[k] / wrong.sum():.0f}%"
+            for k in top for l, t in [divmod(k, 19)]), flush=True)
     return pairs, right / max(kept, 1), float(np.mean([(p[1] != IGNORE_INDEX).mean() for p in pairs]))
 
 
@@ -149,7 +175,7 @@ def main() -> int:
     parser.add_argument("--round-steps", type=int, default=300)
     parser.add_argument("--round-lr", type=float, default=1e-4)
     parser.add_argument("--round-backbone-lr-mult", type=float, default=0.1)
-    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--alpha", default="0.5", help="IAS's alpha, or one per round: 0.2,0.25,0.3")
     parser.add_argument("--gamma", type=float, default=8.0)
     parser.add_argument("--ignored-weight", type=float, default=1.0)
     parser.add_argument("--confident-weight", type=float, default=0.1)
@@ -157,11 +183,15 @@ def main() -> int:
     parser.add_argument("--source-anchor", type=float, default=0.0,
                         help="diagnostic: add this weight times the source cross-entropy to each round step")
     parser.add_argument("--factors", action="store_true")
+    parser.add_argument("--label-classes", action="store_true",
+                        help="print each round's labels by class: their share against the class's true share, and precision")
     parser.add_argument("--target-look", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--source-model", help="load (if it exists) or save the source model here")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global LABEL_CLASSES
+    LABEL_CLASSES = args.label_classes
     torch.manual_seed(args.seed)
     target = B.with_look(B.TARGET, **{k: json.loads(v) for k, v in (i.split("=", 1) for i in args.target_look)})
     B.TARGET = target
@@ -184,6 +214,8 @@ def main() -> int:
     print(f"{'source model, its training frames':42s} {line(evaluate(model, data['source'][:n_source_val]))}")
     source_only = evaluate(model, data["target_val"])
     print(f"{'source model, target val':42s} {line(source_only)}", flush=True)
+    if LABEL_CLASSES:
+        print(destinations(source_only), flush=True)
     if args.factors:
         factors(model, args.seed, n_val)
         return 0
@@ -193,12 +225,17 @@ def main() -> int:
         ratio = np.nanmean(source_only.iou()) / np.nanmean(oracle.iou())
         print(f"{'oracle, target val':42s} {line(oracle)}\nsource-only / oracle = {ratio:.2f}", flush=True)
     for r in range(1, args.rounds + 1):
-        pairs, precision, coverage = pseudo_labels(model, data["target_train"], args.alpha, args.gamma, args.diagnostic)
+        alphas = [float(a) for a in args.alpha.split(",")]
+        alpha = alphas[min(r, len(alphas)) - 1]
+        pairs, precision, coverage = pseudo_labels(model, data["target_train"], alpha, args.gamma, args.diagnostic)
         train(model, pairs, args.round_steps, args.round_lr, (64, 128), seed=args.seed + r, pseudo=True,
               backbone_lr_mult=args.round_backbone_lr_mult, ignored_weight=args.ignored_weight,
               anchor=data["source"], anchor_weight=args.source_anchor, confident_weight=args.confident_weight)
         name = f"round {r} (labels: precision {100 * precision:.1f}, coverage {100 * coverage:.1f})"
-        print(f"{name:42s} {line(evaluate(model, data['target_val']))}", flush=True)
+        cm = evaluate(model, data["target_val"])
+        print(f"{name:42s} {line(cm)}", flush=True)
+        if LABEL_CLASSES:
+            print(destinations(cm), flush=True)
     return 0
 
 
