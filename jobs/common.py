@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import signal
 import sys
+import time
 import zlib
 
 # Jobs run as scripts (`python jobs/x.py`, also under `ray job submit`): make the
@@ -81,7 +84,85 @@ def init_ray() -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         # A local instance gets at least 4 logical CPUs: on a 2-core machine Ray Data's
         # decode tasks would otherwise wait forever behind the actors (platform notes).
-        ray.init(num_cpus=max(4, os.cpu_count() or 1))  # its dashboard (127.0.0.1) serves Ray Train's state queries
+        start_local_ray(num_cpus=max(4, os.cpu_count() or 1))  # its dashboard (127.0.0.1) serves Ray Train's state queries
+
+
+def start_local_ray(**init_kwargs) -> list[int]:
+    """``ray.init(**init_kwargs)`` for a Ray instance of this process's own, stopped with
+    ``stop_local_ray`` at exit (normal, or SIGTERM). Returns the pids of its raylets."""
+    import ray
+
+    ray.init(**init_kwargs)
+    raylets = [pid for pid, ppid, name in _processes() if ppid == os.getpid() and name == "raylet"]
+    atexit.register(stop_local_ray, raylets)
+    return raylets
+
+
+def stop_local_ray(raylets: list[int], grace_s: float = 5.0) -> list[str]:
+    """Shut the local Ray instance down, then end what outlived it: any process still
+    carrying one of ``raylets`` as its ``RAY_RAYLET_PID`` after ``grace_s`` gets SIGKILL
+    (its raylet is gone, so nothing can reach it). Ray's own shutdown normally leaves
+    nothing, but a Train controller has been seen left blocked for hours after a normal
+    exit (docs/reliability.md). Returns what was killed, as ``"pid name"``."""
+    import ray
+
+    ray.shutdown()
+    deadline = time.monotonic() + grace_s
+    while (left := leftover_ray_processes(raylets)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    killed = []
+    for pid in left:
+        name = _name(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+        killed.append(f"{pid} {name}")
+    if killed:
+        print(f"note: ended {len(killed)} process(es) that outlived the job's Ray instance: {', '.join(killed)}",
+              file=sys.stderr, flush=True)
+    return killed
+
+
+def leftover_ray_processes(raylets: list[int]) -> list[int]:
+    """Processes (of this user; Linux ``/proc``) whose environment names one of
+    ``raylets`` as their raylet: Ray's workers and whatever they started."""
+    marks = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
+    found = []
+    for pid, _, _ in _processes():
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marks & set(f.read().split(b"\0")):
+                    found.append(pid)
+        except OSError:  # ended meanwhile, or another user's
+            continue
+    return found
+
+
+def _processes() -> list[tuple[int, int, str]]:
+    """(pid, parent pid, name) of every process in ``/proc``; empty where there is none."""
+    out = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        out.append((int(entry), int(rest[1]), name))
+    return out
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
+    except OSError:
+        return "?"
 
 
 def method_name(cfg) -> str:

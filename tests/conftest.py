@@ -28,11 +28,13 @@ def ray_cluster(s3_server):
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     os.environ["RAY_TMPDIR"] = tmp
     # Environment set after ray.init does not reach Ray's workers: hand them the test S3 server.
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
-             runtime_env={"env_vars": s3_server.env})
+    import common  # jobs/common.py: its local instance ends with what outlives it (a Train controller was seen)
+
+    raylets = common.start_local_ray(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
+                                     runtime_env={"env_vars": s3_server.env})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
-    ray.shutdown()
+    common.stop_local_ray(raylets)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -165,3 +165,44 @@ def test_a_stopped_job_leaves_no_process_behind(benchmark_data, tmp_path, how, g
     finally:
         for pid in _marked(marker.encode()):
             os.kill(pid, signal.SIGKILL)
+
+
+_OUTLIVER = r"""
+import os, subprocess, sys
+sys.path.insert(0, "jobs")
+import common, ray
+
+raylets = common.start_local_ray(num_cpus=1, include_dashboard=False)
+
+@ray.remote
+def leave_a_process():  # a grandchild of the worker, parented to init: Ray cannot see it
+    return int(subprocess.run([sys.executable, "-c", "import subprocess, sys; print(subprocess.Popen("
+                               "[sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True, "
+                               "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"],
+                              capture_output=True, text=True, check=True).stdout)
+
+pid = ray.get(leave_a_process.remote())
+ray.shutdown()  # Ray's own shutdown: the process outlives it
+os.kill(pid, 0)
+print("outlived", pid, flush=True)
+"""  # then the script exits: stop_local_ray, registered at exit, ends it
+
+
+def test_a_process_that_outlives_the_jobs_ray_instance_is_ended_at_exit():
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a private instance
+    done = subprocess.run([sys.executable, "-c", _OUTLIVER], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pid = int(done.stdout.split("outlived")[1].split()[0])
+    try:
+        assert "outlived the job's Ray instance" in done.stderr and f"{pid} " in done.stderr
+        time.sleep(0.5)  # SIGKILL is asynchronous; then the process is gone (a zombie of init at most)
+        state = open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] if os.path.exists(f"/proc/{pid}") else "gone"
+        assert state in ("gone", "Z", "X"), f"still running: {state}"
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
