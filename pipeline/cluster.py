@@ -5,7 +5,8 @@ The cluster is described by its node shapes: the node types the autoscaler may s
 (their resources and maximum count), else the nodes alive now. Each stage's demand is
 set against them as Ray would place it: a training stage's workers as one placement
 group (STRICT_PACK: every bundle on one node), the labelling actors all at once (Ray
-Data waits for the whole pool), evaluation tasks one at a time.
+Data waits for the whole pool) with a CPU left beside them for its image-decode tasks,
+evaluation tasks one at a time.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Demand:
     count: int  # workers
     packed: bool  # all on one node (STRICT_PACK)
     at_once: bool  # all must run together (a placement group, an actor pool); else one at a time
+    beside: dict[str, float] | None = None  # must fit on some node while every worker is up
 
 
 def demands(cfg) -> list[Demand]:
@@ -84,7 +86,10 @@ def demands(cfg) -> list[Demand]:
         label = cfg.round_label_config(1, None)
         args = _ray_actor_args(label)
         actor = {"CPU": args["num_cpus"], **({"GPU": args["num_gpus"]} if "num_gpus" in args else {})}
-        found.append(Demand("pseudo-labelling actors", actor, label.num_workers, packed=False, at_once=True))
+        # Ray Data's image-decode tasks (1 CPU each, its default) feed the actors: with every
+        # CPU held by an actor they never start and labelling waits forever (platform notes).
+        found.append(Demand("pseudo-labelling actors", actor, label.num_workers, packed=False, at_once=True,
+                            beside={"CPU": 1}))
     found.append(Demand("evaluation tasks", worker, c.eval_workers, packed=False, at_once=False))
     return found
 
@@ -117,12 +122,35 @@ def problems(cfg, shapes: list[NodeShape]) -> list[str]:
                          "lower compute.num_workers, or set compute.placement_strategy=PACK to spread them "
                          "(DDP then all-reduces between nodes)")
         elif d.at_once:
-            # Whole workers per node, as Ray places bundles.
-            room = sum(s.count * min(math.floor(s.resources.get(k, 0) / v) for k, v in d.bundle.items() if v > 0)
-                       for s in shapes)
+            room = sum(s.count * _per_node(d.bundle, s.resources) for s in shapes)
             if room < d.count:
                 found.append(f"{d.what}: the cluster holds {room:g} of the {asks} at once (its nodes: {nodes})")
+            elif d.beside and not _room_beside(d, shapes, room):
+                found.append(f"{d.what}: with all {asks} up, no node has {{{_describe(d.beside)}}} left for "
+                             f"Ray Data's image-decode tasks, so labelling would wait forever (the cluster's nodes: "
+                             f"{nodes}); lower compute.cpus_per_label_worker to leave a CPU on a node, or "
+                             "compute.label_workers")
     return found
+
+
+def _per_node(bundle: dict[str, float], resources: dict[str, float]) -> int:
+    """Whole workers of ``bundle`` one node holds, as Ray places bundles."""
+    return min(math.floor(resources.get(k, 0) / v) for k, v in bundle.items() if v > 0)
+
+
+def _room_beside(d: Demand, shapes: list[NodeShape], room: float) -> bool:
+    """Whether ``d.count`` workers fit with ``d.beside`` free on one node: some node of
+    some shape keeps ``beside`` and holds fewer workers, the others hold as many as ever."""
+    for s in shapes:
+        if s.count < 1:
+            continue
+        left = {k: s.resources.get(k, 0) - v for k, v in d.beside.items()}
+        if any(v < 0 for v in left.values()):
+            continue
+        fewer = _per_node(d.bundle, {**s.resources, **left})
+        if room - _per_node(d.bundle, s.resources) + fewer >= d.count:
+            return True
+    return False
 
 
 def summary(cfg, shapes: list[NodeShape]) -> str:

@@ -109,3 +109,23 @@ def test_the_dry_run_checks_an_s3_experiment_against_a_two_node_cluster(s3_serve
     listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="out")
     assert listed["KeyCount"] == 0
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_labelling_actors_that_take_every_cpu_leave_none_for_ray_datas_decode_tasks(benchmark_data, tmp_path):
+    # The 4-GPU node's 28 CPUs taken by four actors of 7: nothing left to decode images
+    greedy = _gpu_experiment(benchmark_data, tmp_path, num_workers=1, cpus_per_label_worker=7)
+    found = cluster.problems(greedy, [HEAD, NodeShape("v100x4", {"CPU": 28, "GPU": 4}, 1)])
+    assert found == ["pseudo-labelling actors: with all 4 x {CPU 7, GPU 1} up, no node has {CPU 1} left for "
+                     "Ray Data's image-decode tasks, so labelling would wait forever (the cluster's nodes: head: "
+                     "CPU 0; v100x4: CPU 28, GPU 4); lower compute.cpus_per_label_worker to leave a CPU on a node, "
+                     "or compute.label_workers"]
+    # a CPU on the head, a second node, or one CPU fewer per actor: the decode tasks have room
+    assert cluster.problems(greedy, [NodeShape("head", {"CPU": 2}, 1), NodeShape("v100x4", {"CPU": 28, "GPU": 4}, 1)]) == []
+    assert cluster.problems(greedy, [HEAD, NodeShape("v100x4", {"CPU": 28, "GPU": 4}, 2)]) == []
+    assert cluster.problems(_gpu_experiment(benchmark_data, tmp_path, num_workers=1, cpus_per_label_worker=6),
+                            [HEAD, NodeShape("v100x4", {"CPU": 28, "GPU": 4}, 1)]) == []
+    # a local 2-CPU instance with one actor of 2 CPUs (the hang the platform notes record)
+    local = tiny_experiment(benchmark_data, tmp_path / "local", **{"compute.label_workers": 1,
+                                                                   "compute.cpus_per_label_worker": 2})
+    assert any("image-decode" in p for p in cluster.problems(local, [NodeShape("local", {"CPU": 2}, 1)]))
+    assert not any("image-decode" in p for p in cluster.problems(local, [NodeShape("local", {"CPU": 4}, 1)]))
