@@ -95,7 +95,7 @@ bench: $(STAMP) benchmark-data
 	$(PY) benchmarks/bench_augmentation.py
 
 # The GTA5 -> Cityscapes config end to end on synthetic data at the real image sizes, on
-# this machine's CPUs (small model, 4 steps a stage; ~30 min on 2 cores), with a report per
+# this machine's CPUs (small model, 4 steps a stage; ~6 min on 2 idle cores, 35 on a loaded machine), with a report per
 # stage: time, pseudo-labelling images/s by part, store size, peak memory, loader speed.
 REHEARSAL ?= outputs/rehearsal
 rehearsal: $(STAMP)

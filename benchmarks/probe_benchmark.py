@@ -37,6 +37,7 @@ from pipeline.evaluation import ConfusionMatrix  # noqa: E402
 from pipeline.labels import CITYSCAPES_ID_TO_TRAIN, CLASS_NAMES, IGNORE_INDEX  # noqa: E402
 from pipeline.losses import cross_entropy, region_guided_loss  # noqa: E402
 from pipeline.models import build_model, param_groups  # noqa: E402
+from pipeline.models.deeplab import set_batchnorm_mode  # noqa: E402
 from pipeline.selectors import IAS, select  # noqa: E402
 
 LABEL_CLASSES = False  # --label-classes
@@ -175,6 +176,8 @@ def main() -> int:
     parser.add_argument("--round-steps", type=int, default=300)
     parser.add_argument("--round-lr", type=float, default=1e-4)
     parser.add_argument("--round-backbone-lr-mult", type=float, default=0.1)
+    parser.add_argument("--round-batchnorm", default="train", choices=("train", "frozen_affine", "frozen"),
+                        help="batch norm in the rounds (the released rounds: frozen_affine)")
     parser.add_argument("--alpha", default="0.5", help="IAS's alpha, or one per round: 0.2,0.25,0.3")
     parser.add_argument("--gamma", type=float, default=8.0)
     parser.add_argument("--ignored-weight", type=float, default=1.0)
@@ -224,6 +227,7 @@ def main() -> int:
                                 (64, 128), seed=args.seed), data["target_val"])
         ratio = np.nanmean(source_only.iou()) / np.nanmean(oracle.iou())
         print(f"{'oracle, target val':42s} {line(oracle)}\nsource-only / oracle = {ratio:.2f}", flush=True)
+    set_batchnorm_mode(model, args.round_batchnorm)
     for r in range(1, args.rounds + 1):
         alphas = [float(a) for a in args.alpha.split(",")]
         alpha = alphas[min(r, len(alphas)) - 1]

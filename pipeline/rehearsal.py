@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -163,21 +164,31 @@ def _folder_bytes(uri: str) -> int:
     return sum(p.stat().st_size for p in Path(uri).rglob("*") if p.is_file()) if os.path.isdir(uri) else 0
 
 
-def _full_coverage_label_bytes(store_uri: str) -> float:
+def _full_coverage_label_bytes(store_uri: str) -> tuple[float, float]:
     """Bytes per image of labels/ had every pixel been selected: the predictions' argmax
-    written as the store writes label parts. The rehearsal's few-step model selects few
+    written as the store writes label parts, and held as a training worker holds a label
+    (zlib level 1, streams.pseudo_labelled). The rehearsal's few-step model selects few
     pixels or none, and an all-ignore label compresses to nothing."""
     import io
 
     import pyarrow.parquet as pq
 
-    total = images = 0
+    total = held = images = 0
     for part in sorted(Path(store_uri, "predictions").glob("part-*.parquet")):
         table = pq.read_table(part, columns=["prediction"]).rename_columns(["label"])
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd", row_group_size=16)
         total, images = total + buf.tell(), images + table.num_rows
-    return total / max(1, images)
+        held += sum(len(zlib.compress(label, 1)) for label in table.column("label").to_pylist())
+    return total / max(1, images), held / max(1, images)
+
+
+def _held_label_bytes(store_uri: str) -> float:
+    """Bytes per image a training worker holds of this store's labels (zlib level 1)."""
+    store, total = LabelStore(store_uri), 0
+    for group in store.iter_labels(columns=["label"]):
+        total += sum(len(zlib.compress(label, 1)) for label in group.column("label").to_pylist())
+    return total / max(1, store.manifest()["num_images"])
 
 
 def label_store_report(store_uri: str) -> dict:
@@ -194,7 +205,8 @@ def label_store_report(store_uri: str) -> dict:
              "selection": select["wall_s"] - select["write_s"],
              "write": predict.get("write_s", 0.0) + select["write_s"]}
     sizes = {kind: _folder_bytes(storage.join(store_uri, kind)) / n for kind in ("predictions", "labels")}
-    sizes["labels at full coverage"] = _full_coverage_label_bytes(store_uri)
+    sizes["labels at full coverage"], held_full = _full_coverage_label_bytes(store_uri)
+    held = _held_label_bytes(store_uri)
     return {
         "images": n, "size": [width, height], "coverage": manifest["statistics"]["coverage_all"],
         "wall_s": round(predict.get("wall_s", 0.0) + select["wall_s"], 2),
@@ -203,8 +215,11 @@ def label_store_report(store_uri: str) -> dict:
         "seconds_by_part": {k: round(v, 2) for k, v in parts.items()},
         "bytes_per_image": {k: round(v) for k, v in sizes.items()},
         f"bytes_per_{CITYSCAPES_TRAIN}_images": {k: round(v * CITYSCAPES_TRAIN) for k, v in sizes.items()},
-        # what a training worker holds in memory: every label row, uncompressed (streams.pseudo_labelled)
-        f"labels_in_memory_{CITYSCAPES_TRAIN}_images": width * height * CITYSCAPES_TRAIN,
+        # what training workers hold in memory, all their shards together: every label row,
+        # zlib-compressed (streams.pseudo_labelled); raw, as before that was done
+        f"labels_in_memory_{CITYSCAPES_TRAIN}_images": {
+            "held": round(held * CITYSCAPES_TRAIN), "held at full coverage": round(held_full * CITYSCAPES_TRAIN),
+            "raw": width * height * CITYSCAPES_TRAIN},
     }
 
 
@@ -326,11 +341,12 @@ def format_report(report: dict) -> str:
         lines.append(f"  {stage} at {p['size'][0]}x{p['size'][1]}, {p['images']} images: {p['images_per_s']} "
                      f"images/s ({by})")
         b, full = p["bytes_per_image"], p[f"bytes_per_{CITYSCAPES_TRAIN}_images"]
+        held = p[f"labels_in_memory_{CITYSCAPES_TRAIN}_images"]
         lines.append(f"    store per image: predictions/ {_mib(b['predictions'])}, labels/ {_mib(b['labels'])} at "
                      f"coverage {100 * p['coverage']:.1f}% ({_mib(b['labels at full coverage'])} at 100%); for "
                      f"{CITYSCAPES_TRAIN:,} images: {_mib(full['predictions'])} + {_mib(full['labels'])} "
-                     f"({_mib(full['labels at full coverage'])}); labels a training worker holds: "
-                     f"{_mib(p[f'labels_in_memory_{CITYSCAPES_TRAIN}_images'])}")
+                     f"({_mib(full['labels at full coverage'])}); labels the training workers hold, compressed: "
+                     f"{_mib(held['held'])} ({_mib(held['held at full coverage'])} at 100%; raw {_mib(held['raw'])})")
     loader = report["loader"]
     lines.append("\nDataLoader of the round (full-size images, label store, 1024x512 crops, batch 8)")
     for workers, rate in loader["images_per_s_by_loader_processes"].items():

@@ -90,3 +90,22 @@ def test_the_rehearsal_runs_every_stage_and_reports_them(tmp_path):
 ])
 def test_each_process_is_counted_under_what_it_is(title, parent, role):
     assert rehearsal._role(title, parent) == role
+
+
+def test_the_report_counts_the_labels_as_the_training_workers_hold_them_compressed(tmp_path):
+    from pipeline.label_store import LabelStore
+
+    rng = np.random.default_rng(0)
+    sizes = {}
+    for kind, make in (("noise", lambda: rng.integers(0, 19, (64, 128), dtype=np.uint8)),
+                       ("flat", lambda: np.full((64, 128), 255, np.uint8))):
+        store = LabelStore(str(tmp_path / kind))
+        rows = [{"index": i, "name": f"{i}", "image": "x.png", "height": 64, "width": 128, "label": make().tobytes(),
+                 "thresholds": [0.9] * 19, "class_pixels": [0] * 19, "class_kept": [0] * 19, "class_correct": None}
+                for i in range(20)]
+        store.write_labels(0, rows, {"config_hash": "h"})
+        store.commit({"num_parts": 1, "num_images": 20, "config_hash": "h", "statistics": {"confidence": [0.5] * 19}})
+        sizes[kind] = rehearsal._held_label_bytes(str(tmp_path / kind))
+    raw = 64 * 128
+    assert 0.5 * raw < sizes["noise"] < raw  # 19 classes of noise: about 4.2 of 8 bits
+    assert sizes["flat"] < 0.02 * raw  # all ignored: nearly nothing
