@@ -79,3 +79,38 @@ def test_the_robotcar_config_is_hiast_in_9_classes():
     assert (cfg.label_space, cfg.num_classes, cfg.val_metric) == ("robotcar9", 9, "mIoU-9")
     assert cfg.self_training.consistency is not None and cfg.eval_size == (1280, 960)
     assert cfg.data.source.prepared.endswith("prepared_robotcar9") and cfg.data.val.dataset == "robotcar"
+
+
+@pytest.mark.slow  # about 2 minutes here: two stages and a labelling on Ray
+def test_a_tiny_cityscapes_to_robotcar_hiast_round_reports_miou_9(ray_cluster, tmp_path):
+    from test_nthu import _write_cityscapes_train
+
+    from pipeline.label_store import LabelStore
+    from pipeline.labels import ROBOTCAR9
+    from pipeline.rounds import run_experiment
+    from pipeline.tracking import ExperimentTracker, default_tracking_uri
+
+    cityscapes, robotcar = tmp_path / "cityscapes", tmp_path / "RobotCar"
+    _write_cityscapes_train(cityscapes)
+    prepare("cityscapes", str(cityscapes), workers=1, space="robotcar9")
+    write_robotcar(robotcar, size=(48, 64))
+    prepare("robotcar", str(robotcar), workers=1)
+    cfg = config.load(ExperimentConfig, str(REPO / "configs/cityscapes_robotcar.yaml"), [
+        f"output={tmp_path / 'out'}", f"data.source.root={cityscapes}",
+        f"data.source.prepared={cityscapes / 'prepared_robotcar9'}", f"data.target.root={robotcar}",
+        f"data.val.root={robotcar}", "model.arch=deeplabv2_small", "crop_size=[64,48]", "source_crop_heights=[24,32]",
+        "target_crop_heights=[32,48]", "eval_size=[64,48]", "source_only.iterations=2", "source_only.batch_size=2",
+        "source_only.checkpoint_every=2", "self_training.iterations=2", "self_training.batch_size=2",
+        "self_training.checkpoint_every=2",
+        "self_training.rounds=[{alpha: 0.5, lr: 1.0e-4, pseudo_label_size: [64, 48]}]", "final_eval.sizes=[]",
+        "compute.use_gpu=false", "compute.gpus_per_label_worker=0", "compute.loader_workers=0",
+        "compute.cpus_per_worker=1", "compute.cpus_per_label_worker=1"])
+    cfg.check()
+    records = run_experiment(cfg, ExperimentTracker(default_tracking_uri(cfg.output), cfg.name))
+    assert [r.stage for r in records] == ["source_only", "round_1", "final_eval"]
+    final = records[-1].metrics
+    assert 0 <= final["val/mIoU-9"] <= 1 and "val/mIoU-19" not in final
+    assert {k.removeprefix("val/IoU/") for k in final if k.startswith("val/IoU/")} <= set(ROBOTCAR9.classes)
+    assert "train/consistency" in records[1].metrics  # HIAST's teacher-student term ran
+    manifest = LabelStore(cfg.label_store(1)).manifest()
+    assert (manifest["label_space"], manifest["num_classes"], manifest["num_images"]) == ("robotcar9", 9, 2)
