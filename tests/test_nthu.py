@@ -138,6 +138,32 @@ def _write_cityscapes_train(root: Path, count: int = 4, size=(32, 64)) -> None:
         root / "leftImg8bit" / "val" / "lindau" / "lindau_000000_000019_leftImg8bit.png")
 
 
+def tiny_chain(size: tuple[int, int], alpha: float) -> list[str]:
+    """Overrides that make a shipped config's chain tiny: the small model, two steps a
+    stage, one round of labels at ``size`` (width, height), no multi-scale, on CPU."""
+    width, height = size
+    return [f"crop_size=[{width},{height}]", "model.arch=deeplabv2_small", "source_crop_heights=[24,32]",
+            "source_only.iterations=2", "source_only.batch_size=2", "source_only.checkpoint_every=2",
+            "self_training.iterations=2", "self_training.batch_size=2", "self_training.checkpoint_every=2",
+            f"self_training.rounds=[{{alpha: {alpha}, lr: 1.0e-4, pseudo_label_size: [{width}, {height}]}}]",
+            "final_eval.sizes=[]", "compute.use_gpu=false", "compute.gpus_per_label_worker=0",
+            "compute.loader_workers=0", "compute.cpus_per_worker=1", "compute.cpus_per_label_worker=1"]
+
+
+def run_tiny_chain(cfg, space) -> dict:
+    """Check and run ``cfg``; its stages, final metrics and round-1 label store must be in
+    ``space`` (a LabelSpace). Returns the store's manifest."""
+    cfg.check()
+    records = run_experiment(cfg, ExperimentTracker(default_tracking_uri(cfg.output), cfg.name))
+    assert [r.stage for r in records] == ["source_only", "round_1", "final_eval"]
+    final = records[-1].metrics
+    assert 0 <= final[f"val/mIoU-{space.num_classes}"] <= 1 and "val/mIoU-19" not in final
+    assert {k.removeprefix("val/IoU/") for k in final if k.startswith("val/IoU/")} <= set(space.classes)
+    manifest = LabelStore(cfg.label_store(1)).manifest()
+    assert (manifest["label_space"], manifest["num_classes"]) == (space.name, space.num_classes)
+    return manifest
+
+
 @pytest.mark.slow  # about 2 minutes here: two stages and a labelling on Ray
 def test_a_tiny_cityscapes_to_rome_round_reports_miou_13(ray_cluster, tmp_path):
     cityscapes, nthu = tmp_path / "cityscapes", tmp_path / "NTHU"
@@ -148,18 +174,6 @@ def test_a_tiny_cityscapes_to_rome_round_reports_miou_13(ray_cluster, tmp_path):
     cfg = config.load(ExperimentConfig, str(REPO / "configs/cityscapes_nthu.yaml"), [
         f"output={tmp_path / 'out'}", f"data.source.root={cityscapes}",
         f"data.source.prepared={cityscapes / 'prepared_nthu13'}", f"data.target.root={nthu}",
-        f"data.val.root={nthu}", "model.arch=deeplabv2_small", "crop_size=[64,32]", "source_crop_heights=[24,32]",
-        "target_crop_heights=[24,32]", "source_only.iterations=2", "source_only.batch_size=2",
-        "source_only.checkpoint_every=2", "self_training.iterations=2", "self_training.batch_size=2",
-        "self_training.checkpoint_every=2",
-        "self_training.rounds=[{alpha: 0.2, lr: 1.0e-4, pseudo_label_size: [64, 32]}]", "final_eval.sizes=[]",
-        "compute.use_gpu=false", "compute.gpus_per_label_worker=0", "compute.loader_workers=0",
-        "compute.cpus_per_worker=1", "compute.cpus_per_label_worker=1"])
-    cfg.check()
-    records = run_experiment(cfg, ExperimentTracker(default_tracking_uri(cfg.output), cfg.name))
-    assert [r.stage for r in records] == ["source_only", "round_1", "final_eval"]
-    final = records[-1].metrics
-    assert 0 <= final["val/mIoU-13"] <= 1 and "val/mIoU-19" not in final
-    assert {k.removeprefix("val/IoU/") for k in final if k.startswith("val/IoU/")} <= set(NTHU13.classes)
-    manifest = LabelStore(cfg.label_store(1)).manifest()
-    assert (manifest["label_space"], manifest["num_classes"], manifest["num_images"]) == ("nthu13", 13, 4)
+        f"data.val.root={nthu}", "target_crop_heights=[24,32]", *tiny_chain((64, 32), alpha=0.2)])
+    manifest = run_tiny_chain(cfg, NTHU13)
+    assert manifest["num_images"] == 4
