@@ -189,6 +189,8 @@ def main() -> int:
     parser.add_argument("--label-classes", action="store_true",
                         help="print each round's labels by class: their share against the class's true share, and precision")
     parser.add_argument("--target-look", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--target-layout", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="other fields of the target's Domain, e.g. pedestrians=2.5")
     parser.add_argument("--source-model", help="load (if it exists) or save the source model here")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine)")
     args = parser.parse_args()
@@ -197,6 +199,7 @@ def main() -> int:
     LABEL_CLASSES = args.label_classes
     torch.manual_seed(args.seed)
     target = B.with_look(B.TARGET, **{k: json.loads(v) for k, v in (i.split("=", 1) for i in args.target_look)})
+    target = replace(target, **{k: json.loads(v) for k, v in (i.split("=", 1) for i in args.target_layout)})
     B.TARGET = target
     n_source, n_train, n_val, n_source_val = map(int, args.frames.split(","))
 
