@@ -111,7 +111,8 @@ def destinations(cm: ConfusionMatrix) -> str:
     rows = m / np.maximum(m.sum(1, keepdims=True), 1)
     np.fill_diagonal(rows, 0)
     return "  val, each class's most frequent wrong prediction: " + ", ".join(
-        f"{CLASS_NAMES[c]} as {CLASS_NAMES[rows[c].argmax()]} {100 * rows[c].max():.0f}%" for c in range(19))
+        f"{CLASS_NAMES[c]} as {CLASS_NAMES[rows[c].argmax()]} {100 * rows[c].max():.0f}%" for c in range(19)
+        if rows[c].max() > 0)
 
 
 def line(cm: ConfusionMatrix) -> str:
@@ -143,7 +144,7 @@ def pseudo_labels(model, data, alpha, gamma, diagnostic):
             f"{CLASS_NAMES[c][:5]} {kept_share[c] / max(truth_share[c], 1e-9):.2f},{100 * per_class[2, c] / max(per_class[1, c], 1):.0f}"
             for c in range(19)), flush=True)
         np.fill_diagonal(wrong, 0)
-        top = np.argsort(wrong, axis=None)[::-1][:8]
+        top = [k for k in np.argsort(wrong, axis=None)[::-1][:8] if wrong.flat[k] > 0]
         print("  wrong labels, share of all wrong: " + ", ".join(
             f"{CLASS_NAMES[t]} as {CLASS_NAMES[l]} {100 * wrong.flat[k] / wrong.sum():.0f}%"
             for k in top for l, t in [divmod(k, 19)]), flush=True)
