@@ -92,8 +92,10 @@ def start_local_ray(**init_kwargs) -> list[int]:
     ``stop_local_ray`` at exit (normal, or SIGTERM). Returns the pids of its raylets."""
     import ray
 
+    from pipeline import processes
+
     ray.init(**init_kwargs)
-    raylets = [pid for pid, ppid, name in _processes() if ppid == os.getpid() and name == "raylet"]
+    raylets = [pid for pid, (ppid, name, _) in processes.table().items() if ppid == os.getpid() and name == "raylet"]
     atexit.register(stop_local_ray, raylets)
     return raylets
 
@@ -103,66 +105,27 @@ def stop_local_ray(raylets: list[int], grace_s: float = 5.0) -> list[str]:
     carrying one of ``raylets`` as its ``RAY_RAYLET_PID`` after ``grace_s`` gets SIGKILL
     (its raylet is gone, so nothing can reach it). Ray's own shutdown normally leaves
     nothing, but a Train controller has been seen left blocked for hours after a normal
-    exit (docs/reliability.md). Returns what was killed, as ``"pid name"``."""
+    exit (docs/reliability.md). Returns what was killed, as ``"pid command line"``."""
     import ray
 
+    from pipeline import processes
+
     ray.shutdown()
+    marks = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
     deadline = time.monotonic() + grace_s
-    while (left := leftover_ray_processes(raylets)) and time.monotonic() < deadline:
+    while (left := processes.marked(marks)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    killed = []
+    names, killed = processes.table(), []
     for pid in left:
-        name = _name(pid)
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             continue
-        killed.append(f"{pid} {name}")
+        killed.append(f"{pid} {names.get(pid, (0, '', '?'))[2][:80]}")
     if killed:
         print(f"note: ended {len(killed)} process(es) that outlived the job's Ray instance: {', '.join(killed)}",
               file=sys.stderr, flush=True)
     return killed
-
-
-def leftover_ray_processes(raylets: list[int]) -> list[int]:
-    """Processes (of this user; Linux ``/proc``) whose environment names one of
-    ``raylets`` as their raylet: Ray's workers and whatever they started."""
-    marks = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
-    found = []
-    for pid, _, _ in _processes():
-        if pid == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if marks & set(f.read().split(b"\0")):
-                    found.append(pid)
-        except OSError:  # ended meanwhile, or another user's
-            continue
-    return found
-
-
-def _processes() -> list[tuple[int, int, str]]:
-    """(pid, parent pid, name) of every process in ``/proc``; empty where there is none."""
-    out = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        out.append((int(entry), int(rest[1]), name))
-    return out
-
-
-def _name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
-    except OSError:
-        return "?"
 
 
 def method_name(cfg) -> str:

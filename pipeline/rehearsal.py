@@ -21,12 +21,11 @@ from __future__ import annotations
 import os
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import processes, storage
 from pipeline.data import streams
 from pipeline.data.datasets import load_image
 from pipeline.data.transforms import normalize, train_transform
@@ -39,11 +38,6 @@ V100_BATCH = 8
 
 
 # -- peak memory of every process ---------------------------------------------------------------
-
-
-def _proc(pid: int, name: str) -> str:
-    with open(f"/proc/{pid}/{name}", "rb") as f:
-        return f.read().decode(errors="replace")
 
 
 _RAY_SERVICES = ("gcs_server", "raylet", "dashboard.py", "log_monitor.py", "monitor.py", "agent.py")
@@ -96,16 +90,9 @@ class MemoryMonitor:
     def poll(self) -> None:
         if not os.path.isdir("/proc/self"):
             return
-        parents, titles = {}, {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                stat = _proc(int(entry), "stat")
-                parents[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
-                titles[int(entry)] = _proc(int(entry), "cmdline").replace("\0", " ").strip()
-            except (OSError, ValueError):
-                continue  # ended meanwhile
+        found = processes.table()
+        parents = {pid: ppid for pid, (ppid, _, _) in found.items()}
+        titles = {pid: cmdline for pid, (_, _, cmdline) in found.items()}
         me = os.getpid()
         tree, frontier = {me}, [me]
         while frontier:
@@ -113,7 +100,7 @@ class MemoryMonitor:
             tree.update(frontier)
         for pid in sorted(tree):  # parents have lower pids than their children here, mostly
             try:
-                status = _proc(pid, "status")
+                status = processes.status(pid)
             except OSError:
                 continue
             peak = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
@@ -167,7 +154,7 @@ def _folder_bytes(uri: str) -> int:
 def _full_coverage_label_bytes(store_uri: str) -> tuple[float, float]:
     """Bytes per image of labels/ had every pixel been selected: the predictions' argmax
     written as the store writes label parts, and held as a training worker holds a label
-    (zlib level 1, streams.pseudo_labelled). The rehearsal's few-step model selects few
+    (``streams.held_label``). The rehearsal's few-step model selects few
     pixels or none, and an all-ignore label compresses to nothing."""
     import io
 
@@ -179,15 +166,15 @@ def _full_coverage_label_bytes(store_uri: str) -> tuple[float, float]:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd", row_group_size=16)
         total, images = total + buf.tell(), images + table.num_rows
-        held += sum(len(zlib.compress(label, 1)) for label in table.column("label").to_pylist())
+        held += sum(len(streams.held_label(label)) for label in table.column("label").to_pylist())
     return total / max(1, images), held / max(1, images)
 
 
 def _held_label_bytes(store_uri: str) -> float:
-    """Bytes per image a training worker holds of this store's labels (zlib level 1)."""
+    """Bytes per image a training worker holds of this store's labels (``streams.held_label``)."""
     store, total = LabelStore(store_uri), 0
     for group in store.iter_labels(columns=["label"]):
-        total += sum(len(zlib.compress(label, 1)) for label in group.column("label").to_pylist())
+        total += sum(len(streams.held_label(label)) for label in group.column("label").to_pylist())
     return total / max(1, store.manifest()["num_images"])
 
 

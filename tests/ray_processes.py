@@ -29,6 +29,8 @@ import urllib.request
 
 from s3_server import _die_with_parent, _free_port
 
+from pipeline import processes
+
 MARKER = "IAST_TEST_RAY_CLUSTER"
 NODE_MARKER = "IAST_TEST_RAY_NODE"  # each node's own, inherited by its raylet, agents and workers
 
@@ -43,17 +45,7 @@ def _sigkill(pids: list[int]) -> None:
 
 def _marked_processes(marker: bytes) -> list[int]:
     """Live processes whose environment holds ``marker`` (a ``NAME=value`` entry)."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    pids.append(int(name))
-        except OSError:  # gone, or not ours
-            continue
-    return pids
+    return processes.marked({marker})
 
 
 class RayNodes:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline import config, storage
+from pipeline import config, processes, storage
 from pipeline.experiment import ExperimentConfig
 
 JOB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "run_experiment.py")
@@ -116,16 +116,7 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(benchmark_data, tmp_p
 
 
 def _marked(marker: bytes) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != os.getpid():
-            try:
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if marker in f.read().split(b"\0"):
-                        pids.append(int(name))
-            except OSError:
-                continue
-    return pids
+    return processes.marked({marker})
 
 
 @pytest.mark.slow  # a private Ray instance started and stopped: a minute or more each
