@@ -5,7 +5,7 @@
     python benchmarks/probe_benchmark.py --target-look haze=0.5 --diagnostic correct_only
 
 Renders the frames in memory, trains the demo's small DeepLab-v2 on the source frames
-(configs/benchmark.yaml's crops, lr, Adam and cosine schedule), and prints: mIoU-19 on
+(configs/benchmark.yaml's model, crops, lr, Adam and cosine schedule), and prints: mIoU-19 on
 held-out source frames, on its own training frames and on target val (P1, P2); with
 --oracle, a model trained on the target's labels; then IAST rounds (IAS over each target
 train image in order, the region-guided loss, the rounds' backbone lr ratio), each with the
@@ -192,6 +192,7 @@ def main() -> int:
     parser.add_argument("--target-look", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--target-layout", nargs="*", default=[], metavar="KEY=VALUE",
                         help="other fields of the target's Domain, e.g. pedestrians=2.5")
+    parser.add_argument("--arch", default="deeplabv2_small_os4", help="the model (configs/benchmark.yaml's)")
     parser.add_argument("--source-model", help="load (if it exists) or save the source model here")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine)")
     args = parser.parse_args()
@@ -208,7 +209,7 @@ def main() -> int:
     data = render_sets({"source": n_source, "source_val": n_source_val, "target_train": n_train,
                         "target_val": n_val}, args.seed, target)
     print(f"rendered in {time.perf_counter() - start:.0f} s", flush=True)
-    model = build_model("deeplabv2_small", 19)
+    model = build_model(args.arch, 19)
     if args.source_model and Path(args.source_model).exists():
         model.load_state_dict(torch.load(args.source_model))
     else:
@@ -217,7 +218,10 @@ def main() -> int:
         print(f"source-only: {args.steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
         if args.source_model:
             torch.save(model.state_dict(), args.source_model)
-    print(f"{'source model, held-out source':42s} {line(evaluate(model, data['source_val']))}")
+    held_out = evaluate(model, data["source_val"])
+    print(f"{'source model, held-out source':42s} {line(held_out)}")
+    if LABEL_CLASSES:
+        print(destinations(held_out), flush=True)
     print(f"{'source model, its training frames':42s} {line(evaluate(model, data['source'][:n_source_val]))}")
     source_only = evaluate(model, data["target_val"])
     print(f"{'source model, target val':42s} {line(source_only)}", flush=True)
@@ -227,7 +231,7 @@ def main() -> int:
         factors(model, args.seed, n_val)
         return 0
     if args.oracle:
-        oracle = evaluate(train(build_model("deeplabv2_small", 19), data["target_train"], args.steps, args.lr,
+        oracle = evaluate(train(build_model(args.arch, 19), data["target_train"], args.steps, args.lr,
                                 (64, 128), seed=args.seed), data["target_val"])
         ratio = np.nanmean(source_only.iou()) / np.nanmean(oracle.iou())
         print(f"{'oracle, target val':42s} {line(oracle)}\nsource-only / oracle = {ratio:.2f}", flush=True)

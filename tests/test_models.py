@@ -95,6 +95,20 @@ def test_small_model_shapes_and_align_corners_upsampling():
                                                 align_corners=True), atol=1e-6)
 
 
+def test_benchmark_model_predicts_at_output_stride_4_with_a_stride_2_stem():
+    model = build_model("deeplabv2_small_os4", K).eval()
+    x = torch.randn(2, 3, 128, 256)
+    with torch.no_grad():
+        features, logits = model.forward_with_features(x)
+    assert model.backbone.output_stride == 4
+    assert features.shape == (2, 64, 32, 64) and logits.shape == (2, K, 128, 256)
+    assert [c.dilation[0] for c in model.classifier.convs] == [4, 6, 10, 12]
+    # the dilated stages keep their resolution: no stride after the stem's two halvings
+    strides = {m.stride[0] for n, m in model.backbone.named_modules()
+               if isinstance(m, torch.nn.Conv2d) and n.startswith("layer")}
+    assert strides == {1}
+
+
 def test_build_model_rejects_unknown_arch():
     with pytest.raises(ValueError, match="deeplabv2_resnet101.*deeplabv2_small"):
         build_model("deeplabv3", K)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.models.resnet import ResNet, resnet101, resnet_small
+from pipeline.models.resnet import ResNet, resnet101, resnet_small, resnet_small_os4
 
 BATCHNORM_MODES = ("train", "frozen_affine", "frozen")
 # The input of the caffe-trained DeepLab-v2 (AdaptSegNet, AdvEnt): BGR in 0-255 minus this mean.
@@ -91,6 +91,12 @@ def deeplabv2_small(num_classes: int) -> DeepLabV2:
     return DeepLabV2(resnet_small(), num_classes, dilations=(2, 3, 5, 6))
 
 
+def deeplabv2_small_os4(num_classes: int) -> DeepLabV2:
+    """The built-in benchmark's model: the small one at output stride 4 (32x64 features
+    for 128x256 frames), its dilations doubled to span the same share of the image."""
+    return DeepLabV2(resnet_small_os4(), num_classes, dilations=(4, 6, 10, 12))
+
+
 def deeplabv2_resnet101_advent(num_classes: int) -> DeepLabV2:
     """AdvEnt's DeepLab-v2 (advent/model/deeplabv2.py, its layer6): the caffe-style
     ResNet-101 on caffe's input, the four branches summed."""
@@ -109,6 +115,7 @@ ARCHS = {
     "deeplabv2_resnet101_adaptsegnet": deeplabv2_resnet101_adaptsegnet,
     "deeplabv2_resnet101_advent": deeplabv2_resnet101_advent,
     "deeplabv2_small": deeplabv2_small,
+    "deeplabv2_small_os4": deeplabv2_small_os4,
 }
 
 
